@@ -1,0 +1,68 @@
+"""Command line: `poller run`, `poller once`, `poller demo`.
+
+Exit codes: 0 done, 1 MongoDB unreachable or WAHA refused the key, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dotenv import load_dotenv
+
+from poller import __version__, log
+from poller.settings import ConfigError, Settings
+
+CONFIG_HELP = """\
+configuration (environment variables, or a .env file in the working directory):
+  MONGODB_URI            required; the database name in its path, or MONGODB_DB
+  WAHA_URL               WAHA base URL (default http://localhost:3000)
+  WAHA_API_KEY           sent as X-Api-Key
+  POLL_INTERVAL_SECONDS  seconds between ticks (default 30)
+  LOOKBACK_SECONDS       how late a message may be when first seen (default 120)
+  LOG_JSON=1             JSON log lines
+See README.md for every setting."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="poller",
+        description="Deliver scheduled WhatsApp messages from MongoDB through WAHA.",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"poller {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary in (
+        ("run", "run as a daemon: a tick every POLL_INTERVAL_SECONDS until SIGTERM or SIGINT"),
+        ("once", "run one tick and exit (for cron and serverless schedulers)"),
+        ("demo", "schedule a small campaign on an embedded MongoDB and WAHA simulator, send it"),
+    ):
+        commands.add_parser(
+            name,
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog=CONFIG_HELP if name != "demo" else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from poller.testing.demo import demo
+
+        log.setup()
+        return demo()
+
+    load_dotenv()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"poller: configuration error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    log.setup(settings.log_level, settings.log_json, settings.secrets)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+    from poller import daemon
+
+    return daemon.run(settings) if args.command == "run" else daemon.once(settings)

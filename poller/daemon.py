@@ -1,0 +1,113 @@
+"""The process: `once` runs one tick; `run` runs ticks on a timer until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from datetime import UTC, datetime
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from loguru import logger
+from pymongo.errors import PyMongoError
+
+from poller import __version__
+from poller.settings import Settings
+from poller.store import Store
+from poller.tick import TickCounts, tick
+from poller.waha import WahaClient
+
+
+class Poller:
+    """The collaborators one tick needs, opened once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store.connect(settings)
+        self.waha = WahaClient(
+            settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds
+        )
+
+    def start(self) -> None:
+        """Reach MongoDB and create the indexes; raises PyMongoError when MongoDB is unusable."""
+        self.store.ensure_indexes()
+        logger.info(
+            "poller {} instance {}: database {}, WAHA {}",
+            __version__,
+            self.settings.instance_id,
+            self.settings.mongodb_db,
+            self.settings.waha_url,
+        )
+
+    def tick(self, stop: threading.Event | None = None) -> TickCounts:
+        counts = tick(self.store, self.waha, self.settings.batch_size, stop=stop)
+        logger.info("tick: {}", counts.summary())
+        return counts
+
+    def close(self) -> None:
+        self.waha.close()
+        self.store.close()
+
+
+def once(settings: Settings) -> int:
+    """One tick. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the API key."""
+    poller = Poller(settings)
+    try:
+        poller.start()
+        counts = poller.tick()
+    except PyMongoError as exc:
+        logger.error("MongoDB is unavailable: {}", exc)
+        return 1
+    finally:
+        poller.close()
+    return 1 if counts.key_rejected else 0
+
+
+def run(settings: Settings) -> int:
+    """Tick every POLL_INTERVAL_SECONDS until SIGTERM/SIGINT; 0 after a clean stop."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # Only set a flag: the tick notices it between two messages.
+        logger.info("received {}: finishing the message in flight", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    poller = Poller(settings)
+    try:
+        poller.start()
+    except PyMongoError as exc:
+        logger.error("crashed: MongoDB is unavailable at start-up: {}", exc)
+        poller.close()
+        return 1
+
+    def safe_tick() -> None:
+        if stop.is_set():
+            return
+        try:
+            poller.tick(stop)
+        except PyMongoError as exc:
+            logger.error("tick skipped, MongoDB is unavailable: {}", exc)
+        except Exception:
+            logger.exception("tick failed unexpectedly; the next tick will try again")
+
+    scheduler = BackgroundScheduler(timezone=UTC)
+    scheduler.add_job(
+        safe_tick,
+        "interval",
+        seconds=settings.poll_interval_seconds,
+        next_run_time=datetime.now(UTC),
+        max_instances=1,  # never two ticks at once
+        coalesce=True,  # after a long tick, run once, not once per missed interval
+        misfire_grace_time=None,
+    )
+    scheduler.start()
+    logger.info("running: a tick every {:g} s", settings.poll_interval_seconds)
+    while not stop.wait(1.0):
+        pass
+    scheduler.shutdown(wait=True)  # waits for the tick in progress
+    poller.close()
+    logger.info("stopped")
+    return 0

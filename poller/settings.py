@@ -1,0 +1,153 @@
+"""Settings: one frozen record built from the environment and checked at start-up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from pymongo.errors import ConfigurationError, InvalidURI
+from pymongo.uri_parser import parse_uri
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    mongodb_uri: str
+    mongodb_db: str
+    waha_url: str = "http://localhost:3000"
+    # Sent as X-Api-Key; empty sends no header (WAHA Core builds that do not check it).
+    waha_api_key: str = ""
+    # The web app schedules to the minute; 30 s keeps lateness under a poll interval.
+    poll_interval_seconds: float = 30.0
+    # A message more than this late when first seen is expired, never sent late.
+    lookback_seconds: float = 120.0
+    # How long a claim stays valid without renewal; a dead poller's claims lapse after it.
+    lease_seconds: float = 120.0
+    # How long a message waits after a retryable failure (session not ready, WAHA down).
+    retry_seconds: float = 30.0
+    # Above WAHA's 5 s wait for a session to become WORKING, with room for slow engines.
+    waha_timeout_seconds: float = 30.0
+    # Messages claimed per round trip; small enough to send well inside one lease.
+    batch_size: int = 20
+    messages_collection: str = "scheduledmessages"
+    campaigns_collection: str = "campaigns"
+    sessions_collection: str = "whatsappsessions"
+    instance_id: str = ""
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        uri = _required(env, "MONGODB_URI")
+        try:
+            parsed = parse_uri(uri)
+        except (InvalidURI, ConfigurationError, ValueError) as exc:
+            # pymongo's message can quote the URI; name the variable only.
+            raise ConfigError(
+                f"MONGODB_URI is not a valid MongoDB URI ({_uri_problem(exc)})"
+            ) from None
+        db = env.get("MONGODB_DB", "").strip() or (parsed.get("database") or "")
+        if not db:
+            raise ConfigError("MONGODB_DB is not set and MONGODB_URI names no database")
+        return cls(
+            mongodb_uri=uri,
+            mongodb_db=db,
+            waha_url=_http_url(env, "WAHA_URL", cls.waha_url),
+            waha_api_key=env.get("WAHA_API_KEY", "").strip(),
+            poll_interval_seconds=_number(env, "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds),
+            lookback_seconds=_number(env, "LOOKBACK_SECONDS", cls.lookback_seconds),
+            lease_seconds=_number(env, "LEASE_SECONDS", cls.lease_seconds),
+            retry_seconds=_number(env, "RETRY_SECONDS", cls.retry_seconds),
+            waha_timeout_seconds=_number(env, "WAHA_TIMEOUT_SECONDS", cls.waha_timeout_seconds),
+            batch_size=int(_number(env, "BATCH_SIZE", cls.batch_size, whole=True)),
+            messages_collection=_name(env, "MESSAGES_COLLECTION", cls.messages_collection),
+            campaigns_collection=_name(env, "CAMPAIGNS_COLLECTION", cls.campaigns_collection),
+            sessions_collection=_name(env, "SESSIONS_COLLECTION", cls.sessions_collection),
+            instance_id=env.get("POLLER_INSTANCE_ID", "").strip() or default_instance_id(),
+            log_json=_flag(env, "LOG_JSON"),
+            log_level=_choice(
+                env, "LOG_LEVEL", cls.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}
+            ),
+        )
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never be written to a log line."""
+        found = [self.waha_api_key]
+        try:
+            found.append(parse_uri(self.mongodb_uri).get("password") or "")
+        except (InvalidURI, ConfigurationError, ValueError):
+            pass
+        return [s for s in found if s]
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _required(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"{name} is required but not set")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: float, whole: bool = False) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(f"{name} must be {kind} greater than 0, got {raw!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+    if parts.username or parts.password:
+        raise ConfigError(f"{name} must not carry credentials; set WAHA_API_KEY instead")
+    return raw.rstrip("/")
+
+
+def _name(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if "$" in raw or "\0" in raw or raw.startswith("system."):
+        raise ConfigError(f"{name} is not a valid collection name: {raw!r}")
+    return raw
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: set[str]) -> str:
+    raw = env.get(name, "").strip().upper() or default
+    if raw not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(sorted(allowed))}, got {raw!r}")
+    return raw
+
+
+def _uri_problem(exc: Exception) -> str:
+    text = str(exc)
+    # Keep pymongo's explanation but never the URI itself, which may hold a password.
+    return text.split(":")[0] if "mongodb" in text else text

@@ -1,0 +1,339 @@
+"""The MongoDB store: every query and write the poller makes, and the indexes they need.
+
+A message moves through these states (the `status` field):
+
+    pending ─claim─> claimed ─start─> sending ─> sent | failed
+       ^               │                 │
+       └── retry ──────┘ (release)       └─ lease lapsed ─> unknown
+    pending/retry older than the lookback window ─> expired
+
+`claimed` and `sending` are leases: `pickedBy` owns them until `leaseUntil`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ASCENDING, MongoClient
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import OperationFailure
+
+from poller.settings import Settings
+
+Doc = dict[str, Any]
+
+PENDING, RETRY, CLAIMED, SENDING = "pending", "retry", "claimed", "sending"
+SENT, FAILED, EXPIRED, UNKNOWN = "sent", "failed", "expired", "unknown"
+FINAL = (SENT, FAILED, EXPIRED, UNKNOWN)
+CAMPAIGN_DONE = ("completed", "completed_with_failures", "cancelled")
+
+# Key patterns, hinted by pattern so an identical index the web app made under another name serves.
+CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
+LEASE_INDEX = [("leaseUntil", ASCENDING)]
+CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
+
+UNKNOWN_REASON = (
+    "The poller stopped while this message was being sent, so it may or may not have been "
+    "delivered. It was not sent again, to avoid a duplicate: check the chat before resending."
+)
+
+
+@dataclass(frozen=True)
+class Swept:
+    expired: int
+    unknown: int
+    campaigns: set[Any]
+
+
+class Store:
+    def __init__(self, client: MongoClient[Doc], settings: Settings) -> None:
+        self.client = client
+        self.db: Database[Doc] = client[settings.mongodb_db]
+        self.messages: Collection[Doc] = self.db[settings.messages_collection]
+        self.campaigns: Collection[Doc] = self.db[settings.campaigns_collection]
+        self.sessions: Collection[Doc] = self.db[settings.sessions_collection]
+        self.owner = settings.instance_id
+        self.lookback = timedelta(seconds=settings.lookback_seconds)
+        self.lease = timedelta(seconds=settings.lease_seconds)
+        self.retry_delay = timedelta(seconds=settings.retry_seconds)
+        # A send holds its lease for the HTTP timeout plus room for the writes around it.
+        self.send_lease = timedelta(seconds=settings.waha_timeout_seconds + 30)
+
+    @classmethod
+    def connect(cls, settings: Settings, timeout_seconds: float = 10.0) -> Store:
+        client: MongoClient[Doc] = MongoClient(
+            settings.mongodb_uri,
+            tz_aware=True,
+            appname="poller",
+            serverSelectionTimeoutMS=int(timeout_seconds * 1000),
+        )
+        return cls(client, settings)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def ensure_indexes(self) -> None:
+        """Create the indexes the claim, the lease sweep and the rollup need (idempotent)."""
+        for keys, name, sparse in (
+            (CLAIM_INDEX, "poller_claim", False),
+            (LEASE_INDEX, "poller_lease", True),
+            (CAMPAIGN_INDEX, "poller_campaign", True),
+        ):
+            try:
+                self.messages.create_index(keys, name=name, sparse=sparse)
+            except OperationFailure as exc:
+                if exc.code not in (85, 86):  # the same keys exist under another name or options
+                    raise
+
+    # -- finding work -------------------------------------------------------------------------
+
+    def claimable(self, now: datetime) -> Doc:
+        """Due, never-finished messages whose scheduled time is inside the lookback window."""
+        return {
+            "isPicked": {"$ne": True},
+            "scheduledAt": {"$gte": now - self.lookback, "$lte": now},
+            "isSent": {"$ne": True},
+            "isDeleted": {"$ne": True},
+            "retryAt": {"$not": {"$gt": now}},
+        }
+
+    def claim(self, now: datetime, limit: int) -> list[Doc]:
+        """Atomically take up to `limit` messages: lapsed claims first, then newly due ones.
+
+        Each document is taken by one conditional update, so of two pollers racing for it
+        exactly one wins; the other's update simply does not match.
+        """
+        until = now + self.lease
+        taken: list[Doc] = []
+        lapsed = {"status": CLAIMED, "leaseUntil": {"$lt": now, "$gte": now - self.lookback}}
+        for query, hint in ((lapsed, LEASE_INDEX), (self.claimable(now), CLAIM_INDEX)):
+            room = limit - len(taken)
+            if room <= 0:
+                break
+            ids = [d["_id"] for d in self.messages.find(query, {"_id": 1}, hint=hint).limit(room)]
+            if not ids:
+                continue
+            self.messages.update_many(
+                {"_id": {"$in": ids}, **query},
+                {
+                    "$set": {
+                        "isPicked": True,
+                        "status": CLAIMED,
+                        "pickedBy": self.owner,
+                        "pickedAt": now,
+                        "leaseUntil": until,
+                    }
+                },
+            )
+            mine = {"_id": {"$in": ids}, "pickedBy": self.owner, "status": CLAIMED}
+            taken.extend(self.messages.find(mine))
+        taken.sort(key=_scheduled_key)
+        return taken
+
+    def sweep(self, now: datetime) -> Swept:
+        """Expire what is too late to send, and settle claims whose poller went away."""
+        campaigns: set[Any] = set()
+        late = now - self.lookback
+        window = int(self.lookback.total_seconds())
+        never_sent = {
+            "isPicked": {"$ne": True},
+            "scheduledAt": {"$lt": late},
+            "isSent": {"$ne": True},
+            "isDeleted": {"$ne": True},
+        }
+        expired = self._settle(
+            never_sent,
+            CLAIM_INDEX,
+            EXPIRED,
+            f"Not sent: it was more than {window} s past its scheduled time when the poller "
+            "could send it.",
+            now,
+            campaigns,
+        )
+        abandoned = {"status": CLAIMED, "leaseUntil": {"$lt": late}}
+        expired += self._settle(
+            abandoned,
+            LEASE_INDEX,
+            EXPIRED,
+            f"Not sent: the poller that claimed it stopped, and no poller took it over within "
+            f"{window} s.",
+            now,
+            campaigns,
+        )
+        in_doubt = {"status": SENDING, "leaseUntil": {"$lt": now}}
+        unknown = self._settle(in_doubt, LEASE_INDEX, UNKNOWN, UNKNOWN_REASON, now, campaigns)
+        return Swept(expired, unknown, campaigns)
+
+    def _settle(
+        self,
+        query: Doc,
+        hint: list[tuple[str, int]],
+        status: str,
+        reason: str,
+        now: datetime,
+        campaigns: set[Any],
+    ) -> int:
+        found = list(self.messages.find(query, {"_id": 1, "campaignId": 1}, hint=hint))
+        if not found:
+            return 0
+        campaigns.update(d["campaignId"] for d in found if d.get("campaignId") is not None)
+        # Keep the last attempt's error: it is usually why the message ran out of time.
+        last = {"$concat": [reason, " Last attempt: ", {"$toString": "$lastError"}]}
+        result = self.messages.update_many(
+            {"_id": {"$in": [d["_id"] for d in found]}, **query},
+            [
+                {
+                    "$set": {
+                        "isPicked": True,
+                        "status": status,
+                        "finishedAt": now,
+                        "lastError": {
+                            "$cond": [{"$eq": [{"$type": "$lastError"}, "string"]}, last, reason]
+                        },
+                    }
+                },
+                {"$unset": ["leaseUntil", "retryAt"]},
+            ],
+        )
+        return result.modified_count
+
+    # -- one message's life --------------------------------------------------------------------
+
+    def start_sending(self, message_id: Any, now: datetime) -> bool:
+        """Mark a claimed message as in flight; False when the claim is no longer ours."""
+        result = self.messages.update_one(
+            {"_id": message_id, "pickedBy": self.owner, "status": CLAIMED},
+            {
+                "$set": {"status": SENDING, "leaseUntil": now + self.send_lease},
+                "$inc": {"attempts": 1},
+            },
+        )
+        return result.modified_count == 1
+
+    def mark_sent(self, message_id: Any, waha_message_id: str | None, now: datetime) -> None:
+        # `unknown` too: a slow send that another poller gave up on did go out after all.
+        self.messages.update_one(
+            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}},
+            {
+                "$set": {
+                    "status": SENT,
+                    "isSent": True,
+                    "sentAt": now,
+                    "wahaMessageId": waha_message_id,
+                    "lastError": None,
+                },
+                "$unset": {"leaseUntil": "", "retryAt": ""},
+            },
+        )
+
+    def mark_failed(self, message_id: Any, reason: str, now: datetime) -> None:
+        self.messages.update_one(
+            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
+            {
+                "$set": {"status": FAILED, "finishedAt": now, "lastError": reason},
+                "$unset": {"leaseUntil": "", "retryAt": ""},
+            },
+        )
+
+    def release(
+        self,
+        message_ids: Iterable[Any],
+        reason: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> int:
+        """Give claims back: they become claimable again (after `retry_at`, when given)."""
+        ids = list(message_ids)
+        if not ids:
+            return 0
+        fields: Doc = {"isPicked": False, "status": RETRY if retry_at else PENDING}
+        if reason is not None:
+            fields["lastError"] = reason
+        if retry_at is not None:
+            fields["retryAt"] = retry_at
+        result = self.messages.update_many(
+            {"_id": {"$in": ids}, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
+            {"$set": fields, "$unset": {"pickedBy": "", "leaseUntil": ""}},
+        )
+        return result.modified_count
+
+    def extend(self, message_ids: Iterable[Any], until: datetime) -> None:
+        """Renew the lease on claims this poller still holds."""
+        self.messages.update_many(
+            {"_id": {"$in": list(message_ids)}, "pickedBy": self.owner, "status": CLAIMED},
+            {"$set": {"leaseUntil": until}},
+        )
+
+    def session_name(self, session_id: Any) -> str | None:
+        found = self.sessions.find_one({"_id": {"$in": id_variants(session_id)}}, {"name": 1})
+        name = found.get("name") if found else None
+        return name.strip() if isinstance(name, str) and name.strip() else None
+
+    # -- campaigns ------------------------------------------------------------------------------
+
+    def rollup(self, campaign_ids: Iterable[Any], now: datetime) -> None:
+        """Recount each campaign; mark it completed once none of its messages can still be sent."""
+        for campaign_id in campaign_ids:
+            stats = self.campaign_stats(campaign_id)
+            unfinished = stats["total"] - stats["sent"] - stats["failed"] - stats["expired"]
+            fields: Doc = {"stats": stats}
+            if stats["total"] > 0 and unfinished == 0:
+                fields["status"] = (
+                    "completed" if stats["sent"] == stats["total"] else "completed_with_failures"
+                )
+                fields["completedAt"] = now
+            # A finished campaign's numbers were final when it finished: never overwrite them.
+            self.campaigns.update_one(
+                {"_id": {"$in": id_variants(campaign_id)}, "status": {"$nin": list(CAMPAIGN_DONE)}},
+                {"$set": fields},
+            )
+
+    def campaign_stats(self, campaign_id: Any) -> dict[str, int]:
+        by_status = {
+            row["_id"]: row["n"]
+            for row in self.messages.aggregate(
+                [
+                    {"$match": {"campaignId": campaign_id}},
+                    {
+                        "$group": {
+                            "_id": {
+                                "$cond": [
+                                    {"$eq": ["$isDeleted", True]},
+                                    "deleted",
+                                    {"$ifNull": ["$status", PENDING]},
+                                ]
+                            },
+                            "n": {"$sum": 1},
+                        }
+                    },
+                ]
+            )
+        }
+        total = sum(n for status, n in by_status.items() if status != "deleted")
+        return {
+            "total": total,
+            "sent": by_status.get(SENT, 0),
+            # Unknown outcomes count as failed: delivery was never confirmed.
+            "failed": by_status.get(FAILED, 0) + by_status.get(UNKNOWN, 0),
+            "expired": by_status.get(EXPIRED, 0),
+            "unknown": by_status.get(UNKNOWN, 0),
+        }
+
+
+def id_variants(value: Any) -> list[Any]:
+    """The web app may store a reference as an ObjectId or as its hex string: match both."""
+    variants = [value]
+    if isinstance(value, str) and ObjectId.is_valid(value):
+        variants.append(ObjectId(value))
+    elif isinstance(value, ObjectId):
+        variants.append(str(value))
+    return variants
+
+
+def _scheduled_key(doc: Mapping[str, Any]) -> tuple[str, str]:
+    scheduled = doc.get("scheduledAt")
+    return (scheduled.isoformat() if isinstance(scheduled, datetime) else "", str(doc["_id"]))

@@ -1,0 +1,1 @@
+"""Stand-ins for the demo and the tests: a WAHA simulator and an embedded MongoDB server."""

@@ -1,0 +1,107 @@
+"""`poller demo`: the main job end to end on an embedded MongoDB and the WAHA simulator."""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+
+from poller.daemon import Poller
+from poller.settings import Settings, default_instance_id
+from poller.store import FINAL
+from poller.testing.mongo import embedded_mongodb
+from poller.testing.waha import WahaSimulator
+
+KEY = "demo-key"
+
+
+def demo() -> int:
+    with embedded_mongodb() as uri, WahaSimulator(api_key=KEY) as waha:
+        settings = Settings(
+            mongodb_uri=uri,
+            mongodb_db="poller_demo",
+            waha_url=waha.url,
+            waha_api_key=KEY,
+            instance_id=default_instance_id(),
+        )
+        poller = Poller(settings)
+        try:
+            poller.start()
+            campaign_id = _schedule(poller, datetime.now(UTC))
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not _all_final(poller):
+                poller.tick()
+                time.sleep(1)
+            _report(poller, waha, campaign_id)
+        finally:
+            poller.close()
+    return 0
+
+
+def _schedule(poller: Poller, now: datetime) -> ObjectId:
+    """What the web app writes: a campaign of four messages, plus two that cannot go out."""
+    session_id = poller.store.sessions.insert_one({"name": "default"}).inserted_id
+    campaign_id = poller.store.campaigns.insert_one({"name": "Spring sale", "status": "running"})
+    recipients = ["447700900123", "447700900124@c.us", "+44 7700 900125", "120363012345678901@g.us"]
+    docs: list[dict[str, Any]] = [
+        {
+            "campaignId": campaign_id.inserted_id,
+            "sessionId": session_id,
+            "chatId": chat_id,
+            "content": f"Hi! Our spring sale starts today (message {n}).",
+            "scheduledAt": now + timedelta(seconds=2 * n),
+            "isSent": False,
+            "isPicked": False,
+            "isDeleted": False,
+        }
+        for n, chat_id in enumerate(recipients)
+    ]
+    docs.append(
+        {"session": "default", "chatId": "not-a-number", "content": "Hello", "scheduledAt": now}
+    )
+    docs.append(
+        {
+            "session": "default",
+            "chatId": "447700900126",
+            "content": "Yesterday's reminder",
+            "scheduledAt": now - timedelta(hours=1),
+        }
+    )
+    poller.store.messages.insert_many(docs)
+    _out(f"Scheduled {len(docs)} messages at {now:%H:%M:%S} UTC. Ticking every second:\n")
+    return ObjectId(campaign_id.inserted_id)
+
+
+def _all_final(poller: Poller) -> bool:
+    return poller.store.messages.count_documents({"status": {"$nin": list(FINAL)}}) == 0
+
+
+def _report(poller: Poller, waha: WahaSimulator, campaign_id: ObjectId) -> None:
+    _out(f"\nWAHA received {len(waha.sent)} sendText request(s) that went out:\n")
+    for message in waha.sent:
+        _out(f"  {message.session:<8} {message.chat_id:<28} {message.text}\n")
+    _out("\nMessages in MongoDB:\n")
+    _out(f"  {'chatId':<26} {'status':<8} {'late':>6}  lastError\n")
+    for doc in poller.store.messages.find().sort("scheduledAt", 1):
+        late = ""
+        if doc.get("sentAt"):
+            late = f"{(doc['sentAt'] - doc['scheduledAt']).total_seconds():.1f}s"
+        _out(
+            f"  {str(doc.get('chatId')):<26} {doc.get('status', '-'):<8} {late:>6}  "
+            f"{doc.get('lastError') or ''}\n"
+        )
+    campaign = poller.store.campaigns.find_one({"_id": campaign_id}) or {}
+    name, status, stats = campaign.get("name"), campaign.get("status"), campaign.get("stats")
+    _out(f"\nCampaign '{name}': {status}, stats {stats}\n")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(demo())

@@ -1,0 +1,220 @@
+"""A WAHA-compatible HTTP server on 127.0.0.1 for the demo and the tests.
+
+It answers /api/sendText, /api/sessions and /ping with WAHA's codes and bodies (see WAHA's
+CONTRACT: 201 with a WAMessage, 401 for a wrong key, 404 for an unknown session, 422 after a
+wait when the session is not WORKING, 500 for engine errors) and records every request.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class SentMessage:
+    id: str
+    session: str
+    chat_id: str
+    text: str
+    at: float
+
+
+@dataclass
+class WahaSimulator:
+    """Configure it by setting its fields; read `requests` and `sent` afterwards."""
+
+    api_key: str | None = None  # None: no key is checked (like WAHA Core 2024.10.8)
+    sessions: dict[str, str] = field(default_factory=lambda: {"default": "WORKING"})
+    not_working_wait: float = 5.0  # WAHA polls the session for 5 s before its 422
+    latency: float = 0.0  # added before every sendText answer
+    # chatId -> (code, body): the engine's answer for that chat instead of a 201.
+    scripted: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    # Called with every request; whatever it returns (an error text) is kept in `violations`.
+    validator: Callable[[Request], str | None] | None = None
+
+    requests: list[Request] = field(default_factory=list)
+    sent: list[SentMessage] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "simulator not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self, port: int = 0) -> WahaSimulator:
+        simulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                simulator._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                simulator._handle(self, "POST")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> WahaSimulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def sends_to(self, chat_id: str) -> list[SentMessage]:
+        with self._lock:
+            return [m for m in self.sent if m.chat_id == chat_id]
+
+    # -- request handling -------------------------------------------------------------------------
+
+    def _handle(self, http: BaseHTTPRequestHandler, method: str) -> None:
+        length = int(http.headers.get("Content-Length") or 0)
+        parts = urlsplit(http.path)
+        request = Request(
+            method,
+            parts.path,
+            parts.query,
+            dict(http.headers.items()),
+            http.rfile.read(length),
+            time.time(),
+        )
+        with self._lock:
+            self.requests.append(request)
+        if self.validator is not None:
+            problem = self.validator(request)
+            if problem:
+                with self._lock:
+                    self.violations.append(f"{method} {parts.path}: {problem}")
+        code, body = self._answer(request)
+        payload = json.dumps(body).encode()
+        http.send_response(code)
+        http.send_header("Content-Type", "application/json; charset=utf-8")
+        http.send_header("Content-Length", str(len(payload)))
+        http.end_headers()
+        http.wfile.write(payload)
+
+    def _answer(self, request: Request) -> tuple[int, Any]:
+        if request.path == "/ping":
+            return 200, {"message": "pong"}
+        if not request.path.startswith("/api/"):
+            return _error(404, f"Cannot {request.method} {request.path}")
+        if self.api_key is not None and request.headers.get("X-Api-Key") != self.api_key:
+            return 401, {"message": "Unauthorized", "statusCode": 401}
+        if request.method == "GET" and request.path == "/api/sessions":
+            return 200, [self._session_info(name) for name in self.sessions]
+        if request.method == "GET" and request.path.startswith("/api/sessions/"):
+            name = request.path.removeprefix("/api/sessions/")
+            if name not in self.sessions:
+                return _error(404, f"We didn't find a session with name '{name}'.")
+            return 200, self._session_info(name)
+        if request.method == "POST" and request.path == "/api/sendText":
+            return self._send_text(request)
+        return _error(404, f"Cannot {request.method} {request.path}")
+
+    def _send_text(self, request: Request) -> tuple[int, Any]:
+        try:
+            body = request.json()
+        except ValueError as exc:
+            return _error(400, f"Unexpected token in JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "Bad Request")
+        session = body.get("session")
+        if session not in self.sessions or self.sessions[session] == "STOPPED":
+            return _error(
+                404,
+                f"We didn't find a session with name '{session}'.\nPlease start it first by "
+                f"using POST /api/sessions/{session}/start request",
+            )
+        status = self.sessions[session]
+        if status != "WORKING":
+            time.sleep(self.not_working_wait)
+            return 422, {
+                "error": (
+                    "Session status is not as expected. Try again later or restart the session"
+                ),
+                "session": session,
+                "status": status,
+                "expected": ["WORKING"],
+            }
+        time.sleep(self.latency)
+        chat_id = str(body.get("chatId"))
+        if chat_id in self.scripted:
+            return self.scripted[chat_id]
+        text = body.get("text")
+        if not isinstance(text, str):
+            return engine_error("text is required")
+        message = SentMessage(
+            f"true_{chat_id}_{secrets.token_hex(10).upper()}", session, chat_id, text, time.time()
+        )
+        with self._lock:
+            self.sent.append(message)
+        return 201, {
+            "id": message.id,
+            "timestamp": int(message.at),
+            "from": "15550001111@c.us",
+            "fromMe": True,
+            "source": "api",
+            "to": chat_id,
+            "body": text,
+            "hasMedia": False,
+            "ack": 1,
+            "ackName": "SERVER",
+            "_data": {},
+        }
+
+    def _session_info(self, name: str) -> dict[str, Any]:
+        status = self.sessions[name]
+        me = {"id": "15550001111@c.us", "pushName": name} if status == "WORKING" else None
+        return {"name": name, "status": status, "config": None, "me": me, "engine": {}}
+
+
+def _error(code: int, message: str) -> tuple[int, Any]:
+    reasons = {400: "Bad Request", 404: "Not Found", 422: "Unprocessable Entity"}
+    return code, {"statusCode": code, "message": message, "error": reasons.get(code, "Error")}
+
+
+def engine_error(message: str, name: str = "Error") -> tuple[int, Any]:
+    """WAHA's 500 for an exception thrown by the WhatsApp engine (usable in `scripted`)."""
+    return 500, {
+        "statusCode": 500,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+        "exception": {"message": message, "name": name},
+    }

@@ -1,0 +1,206 @@
+"""One tick: settle what is late or abandoned, claim what is due, send it, roll campaigns up."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from loguru import logger
+
+from poller.store import Doc, Store
+from poller.waha import Outcome, Verdict, WahaClient
+
+# WhatsApp ids WAHA can send to: a person (c.us, lid), a group (g.us), a channel (newsletter).
+CHAT_ID = re.compile(
+    r"^(?:\d{5,20}@c\.us|\d{5,25}@lid|\d{5,20}(?:-\d{5,20})?@g\.us|\d{5,25}@newsletter)$"
+)
+# A bare phone number, international format; spaces, dashes, dots and brackets are ignored.
+PHONE = re.compile(r"^\+?[\d\s().\-]+$")
+
+
+@dataclass
+class TickCounts:
+    claimed: int = 0
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    expired: int = 0
+    unknown: int = 0
+    released: int = 0
+    key_rejected: bool = False
+
+    def summary(self) -> str:
+        return (
+            f"claimed={self.claimed} sent={self.sent} retried={self.retried} "
+            f"failed={self.failed} expired={self.expired} unknown={self.unknown}"
+        )
+
+
+@dataclass(frozen=True)
+class Ready:
+    session: str
+    chat_id: str
+    text: str
+
+
+def tick(
+    store: Store,
+    waha: WahaClient,
+    batch_size: int,
+    now: datetime | None = None,
+    stop: threading.Event | None = None,
+) -> TickCounts:
+    """Run one tick and return its counts.
+
+    `now` fixes the clock (tests, replays); without it every step reads the wall clock.
+    `stop` is checked between messages: once set, the message in flight finishes and the
+    claims not yet started are released.
+    """
+    clock: Callable[[], datetime] = (lambda: now) if now else (lambda: datetime.now(UTC))
+    stop = stop or threading.Event()
+    counts = TickCounts()
+    campaigns: set[Any] = set()
+
+    swept = store.sweep(clock())
+    counts.expired, counts.unknown = swept.expired, swept.unknown
+    campaigns |= swept.campaigns
+
+    # Sessions (or, under the key "*", the whole server) that cannot send for the rest of this tick.
+    blocked: dict[str, Outcome] = {}
+    while not stop.is_set() and "*" not in blocked:
+        batch = store.claim(clock(), batch_size)
+        if not batch:
+            break
+        counts.claimed += len(batch)
+        campaigns |= {d["campaignId"] for d in batch if d.get("campaignId") is not None}
+        _send_batch(store, waha, batch, clock, stop, blocked, counts)
+
+    store.rollup(campaigns, clock())
+    return counts
+
+
+def _send_batch(
+    store: Store,
+    waha: WahaClient,
+    batch: list[Doc],
+    clock: Callable[[], datetime],
+    stop: threading.Event,
+    blocked: dict[str, Outcome],
+    counts: TickCounts,
+) -> None:
+    lease_until = clock() + store.lease
+    for position, doc in enumerate(batch):
+        rest = [d["_id"] for d in batch[position:]]
+        if stop.is_set():
+            counts.released += store.release(rest)
+            logger.info("released {} claimed message(s) not yet started", len(rest))
+            return
+        if "*" in blocked:
+            counts.released += store.release(rest, blocked["*"].reason)
+            return
+        if clock() > lease_until - store.lease / 2:
+            lease_until = clock() + store.lease
+            store.extend(rest, lease_until)
+
+        ready = prepare(doc, store)
+        if isinstance(ready, str):
+            store.mark_failed(doc["_id"], ready, clock())
+            counts.failed += 1
+            logger.warning("message {} failed: {}", doc["_id"], ready)
+            continue
+        if ready.session in blocked:
+            reason = blocked[ready.session].reason
+            store.release([doc["_id"]], reason, clock() + store.retry_delay)
+            counts.retried += 1
+            continue
+        if not store.start_sending(doc["_id"], clock()):
+            logger.warning("message {} was taken over by another poller; skipped", doc["_id"])
+            continue
+
+        outcome = waha.send_text(ready.session, ready.chat_id, ready.text)
+        _record(store, doc, ready, outcome, clock(), blocked, counts)
+
+
+def _record(
+    store: Store,
+    doc: Doc,
+    ready: Ready,
+    outcome: Outcome,
+    now: datetime,
+    blocked: dict[str, Outcome],
+    counts: TickCounts,
+) -> None:
+    message_id = doc["_id"]
+    if outcome.verdict is Verdict.SENT:
+        store.mark_sent(message_id, outcome.message_id, now)
+        counts.sent += 1
+        logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
+    elif outcome.verdict is Verdict.FAILED:
+        store.mark_failed(message_id, outcome.reason, now)
+        counts.failed += 1
+        logger.warning("message {} failed: {}", message_id, outcome.reason)
+    elif outcome.verdict is Verdict.REJECTED_KEY:
+        # Not the message's fault: give it back untouched and stop talking to this server.
+        store.release([message_id], outcome.reason)
+        counts.released += 1
+        counts.key_rejected = True
+        blocked["*"] = outcome
+        logger.error("{}: sending paused until the next tick", outcome.reason)
+    else:
+        store.release([message_id], outcome.reason, now + store.retry_delay)
+        counts.retried += 1
+        logger.info("message {} will be retried: {}", message_id, outcome.reason)
+        if outcome.status_code is None:
+            blocked["*"] = outcome  # WAHA unreachable: the rest would only fail the same way
+        elif outcome.status_code in (404, 422):
+            blocked[ready.session] = outcome
+
+
+def prepare(doc: Doc, store: Store) -> Ready | str:
+    """Check a message against the data contract: what to send, or why it cannot be sent."""
+    text = doc.get("content")
+    if not isinstance(text, str) or not text.strip():
+        return "The message has no text to send (content is empty or missing)."
+    chat_id = normalise_chat_id(doc.get("chatId"))
+    if chat_id is None:
+        return f"chatId {_show(doc.get('chatId'))} is not a WhatsApp id or phone number."
+    session = doc.get("session")
+    if isinstance(session, str) and session.strip():
+        return Ready(session.strip(), chat_id, text)
+    session_id = doc.get("sessionId")
+    if session_id is None or session_id == "":
+        return "The message names no WhatsApp session (set session or sessionId)."
+    name = store.session_name(session_id)
+    if name is None:
+        return (
+            f"sessionId {_show(session_id)} matches no WhatsApp session document with a name "
+            f"in {store.sessions.name}."
+        )
+    return Ready(name, chat_id, text)
+
+
+def normalise_chat_id(raw: object) -> str | None:
+    """A WAHA chat id, or None. Bare phone numbers become `<digits>@c.us`."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not isinstance(raw, str):
+        return None
+    value = raw.strip()
+    if value.endswith("@s.whatsapp.net"):
+        value = value.removesuffix("@s.whatsapp.net") + "@c.us"
+    if CHAT_ID.match(value):
+        return value
+    if PHONE.match(value):
+        digits = re.sub(r"\D", "", value)
+        if 7 <= len(digits) <= 15:
+            return f"{digits}@c.us"
+    return None
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,126 @@
+"""The WAHA HTTP client: one long-lived connection pool, every response turned into an Outcome."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from poller import __version__
+
+
+class Verdict(enum.Enum):
+    SENT = "sent"
+    RETRY = "retry"  # not sent; try again later
+    FAILED = "failed"  # final: not sent, or not safe to send again
+    REJECTED_KEY = "rejected_key"  # WAHA refused the API key: stop talking to it this tick
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    reason: str = ""  # a sentence for the person reading lastError
+    message_id: str | None = None
+    status_code: int | None = None
+
+
+class WahaClient:
+    def __init__(self, base_url: str, api_key: str, timeout_seconds: float) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError("WAHA base URL must start with http:// or https://")
+        if timeout_seconds <= 0:
+            raise ValueError("WAHA timeout must be positive")
+        headers = {"User-Agent": f"poller/{__version__}", "Accept": "application/json"}
+        if api_key:
+            headers["X-Api-Key"] = api_key
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            # Connecting fails fast; the read waits past WAHA's 5 s session check.
+            timeout=httpx.Timeout(timeout_seconds, connect=min(5.0, timeout_seconds)),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def send_text(self, session: str, chat_id: str, text: str) -> Outcome:
+        body = {"session": session, "chatId": chat_id, "text": text}
+        try:
+            response = self._http.post("/api/sendText", json=body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return Outcome(
+                Verdict.RETRY, f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
+            )
+        except httpx.TimeoutException as exc:
+            return Outcome(Verdict.RETRY, f"WAHA did not answer in time ({_kind(exc)})")
+        except httpx.HTTPError as exc:
+            return Outcome(Verdict.RETRY, f"the connection to WAHA broke ({_kind(exc)})")
+        return classify(response.status_code, _json(response), session)
+
+
+def classify(code: int, body: Any, session: str) -> Outcome:
+    """Sort one sendText response into sent, retry later, failed for good, or a rejected key."""
+    said = _said(body)
+    if 200 <= code < 300:
+        return Outcome(Verdict.SENT, message_id=_message_id(body), status_code=code)
+    if code in (401, 403):
+        return Outcome(
+            Verdict.REJECTED_KEY, "WAHA rejected the API key (check WAHA_API_KEY)", None, code
+        )
+    if code == 404:
+        reason = f"WhatsApp session '{session}' is not started on WAHA"
+        return Outcome(Verdict.RETRY, reason, None, code)
+    if code == 422 and isinstance(body, dict) and "status" in body:
+        reason = f"WhatsApp session '{session}' is {body.get('status')}, not WORKING"
+        return Outcome(Verdict.RETRY, reason, None, code)
+    if code in (408, 425, 429):
+        return Outcome(Verdict.RETRY, f"WAHA asked to try later ({code}{said})", None, code)
+    if code >= 500:
+        reason = (
+            f"WAHA failed while sending ({code}{said}); not retried, because WhatsApp may "
+            "have received it: check the chat before sending it again"
+        )
+        return Outcome(Verdict.FAILED, reason, None, code)
+    return Outcome(Verdict.FAILED, f"WAHA refused the message ({code}{said})", None, code)
+
+
+def _json(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _said(body: Any) -> str:
+    """WAHA's own words from an error body, shortened: ': <message>' or ''."""
+    if not isinstance(body, dict):
+        return ""
+    text = body.get("message") or body.get("error")
+    exception = body.get("exception")
+    if isinstance(exception, dict) and exception.get("message"):
+        text = exception["message"]
+    if isinstance(text, list):
+        text = "; ".join(str(t) for t in text)
+    if not text:
+        return ""
+    text = " ".join(str(text).split())
+    return f": {text[:200]}"
+
+
+def _message_id(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    if isinstance(body.get("id"), str):
+        return str(body["id"])
+    for raw in (body.get("_data"), body):
+        key = raw.get("key") if isinstance(raw, dict) else None
+        if isinstance(key, dict) and isinstance(key.get("id"), str):
+            return str(key["id"])
+    return None
+
+
+def _kind(exc: Exception) -> str:
+    return type(exc).__name__
