@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from dotenv import load_dotenv
+from dotenv import find_dotenv, load_dotenv
 
 from poller import __version__, log
 from poller.settings import ConfigError, Settings
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         log.setup()
         return demo()
 
-    load_dotenv()
+    load_dotenv(find_dotenv(usecwd=True))  # the working directory's .env; the environment wins
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

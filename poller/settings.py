@@ -34,6 +34,8 @@ class Settings:
     retry_seconds: float = 30.0
     # Above WAHA's 5 s wait for a session to become WORKING, with room for slow engines.
     waha_timeout_seconds: float = 30.0
+    # How long to wait for MongoDB before a command gives up (start-up, a tick).
+    mongodb_timeout_seconds: float = 10.0
     # Messages claimed per round trip; small enough to send well inside one lease.
     batch_size: int = 20
     messages_collection: str = "scheduledmessages"
@@ -67,6 +69,9 @@ class Settings:
             lease_seconds=_number(env, "LEASE_SECONDS", cls.lease_seconds),
             retry_seconds=_number(env, "RETRY_SECONDS", cls.retry_seconds),
             waha_timeout_seconds=_number(env, "WAHA_TIMEOUT_SECONDS", cls.waha_timeout_seconds),
+            mongodb_timeout_seconds=_number(
+                env, "MONGODB_TIMEOUT_SECONDS", cls.mongodb_timeout_seconds
+            ),
             batch_size=int(_number(env, "BATCH_SIZE", cls.batch_size, whole=True)),
             messages_collection=_name(env, "MESSAGES_COLLECTION", cls.messages_collection),
             campaigns_collection=_name(env, "CAMPAIGNS_COLLECTION", cls.campaigns_collection),

@@ -65,12 +65,12 @@ class Store:
         self.send_lease = timedelta(seconds=settings.waha_timeout_seconds + 30)
 
     @classmethod
-    def connect(cls, settings: Settings, timeout_seconds: float = 10.0) -> Store:
+    def connect(cls, settings: Settings) -> Store:
         client: MongoClient[Doc] = MongoClient(
             settings.mongodb_uri,
             tz_aware=True,
             appname="poller",
-            serverSelectionTimeoutMS=int(timeout_seconds * 1000),
+            serverSelectionTimeoutMS=int(settings.mongodb_timeout_seconds * 1000),
         )
         return cls(client, settings)
 

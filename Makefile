@@ -1,0 +1,16 @@
+# Two entry points for a fresh machine with Python 3.11+: `make demo` and `make test`.
+# Each creates .venv on first use and installs poller into it.
+PYTHON ?= python3
+VENV ?= .venv
+
+.PHONY: demo test
+
+demo:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[demo]'
+	$(VENV)/bin/poller demo
+
+test:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/pytest

@@ -1,0 +1,73 @@
+"""Settings from the environment: defaults, overrides, and one clear error per bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from poller.settings import ConfigError, Settings
+
+BASE = {"MONGODB_URI": "mongodb://app:s3cret@db.example:27017/whatsapp?authSource=admin"}
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.mongodb_db == "whatsapp"
+    assert settings.waha_url == "http://localhost:3000"
+    assert settings.waha_api_key == ""
+    assert (settings.poll_interval_seconds, settings.lookback_seconds) == (30.0, 120.0)
+    assert settings.messages_collection == "scheduledmessages"
+    assert settings.campaigns_collection == "campaigns"
+    assert settings.sessions_collection == "whatsappsessions"
+    assert settings.instance_id and not settings.log_json
+
+
+def test_overrides() -> None:
+    settings = Settings.from_env(
+        {
+            **BASE,
+            "MONGODB_DB": "other",
+            "WAHA_URL": "https://waha.example/",
+            "WAHA_API_KEY": "k",
+            "POLL_INTERVAL_SECONDS": "5",
+            "LOOKBACK_SECONDS": "300",
+            "BATCH_SIZE": "5",
+            "MESSAGES_COLLECTION": "msgs",
+            "POLLER_INSTANCE_ID": "vps-1",
+            "LOG_JSON": "1",
+            "LOG_LEVEL": "debug",
+        }
+    )
+    assert settings.mongodb_db == "other"
+    assert settings.waha_url == "https://waha.example"
+    assert (settings.poll_interval_seconds, settings.lookback_seconds, settings.batch_size) == (
+        5.0,
+        300.0,
+        5,
+    )
+    assert settings.messages_collection == "msgs" and settings.instance_id == "vps-1"
+    assert settings.log_json and settings.log_level == "DEBUG"
+
+
+def test_secrets_are_the_key_and_the_password() -> None:
+    settings = Settings.from_env({**BASE, "WAHA_API_KEY": "key-1"})
+    assert sorted(settings.secrets) == ["key-1", "s3cret"]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({}, "MONGODB_URI is required"),
+        ({"MONGODB_URI": "  "}, "MONGODB_URI is required"),
+        ({"MONGODB_URI": "mongodb://h:notaport/db"}, "MONGODB_URI is not a valid"),
+        ({**BASE, "WAHA_URL": "localhost:3000"}, "WAHA_URL must be an http"),
+        ({**BASE, "WAHA_URL": "http://user:pw@waha"}, "WAHA_URL must not carry credentials"),
+        ({**BASE, "POLL_INTERVAL_SECONDS": "0"}, "POLL_INTERVAL_SECONDS must be greater than 0"),
+        ({**BASE, "WAHA_TIMEOUT_SECONDS": "nan"}, "WAHA_TIMEOUT_SECONDS must be greater than 0"),
+        ({**BASE, "MESSAGES_COLLECTION": "a$b"}, "MESSAGES_COLLECTION is not a valid"),
+        ({**BASE, "LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as raised:
+        Settings.from_env(env)
+    assert "s3cret" not in str(raised.value)

@@ -1,0 +1,552 @@
+"""The tick against a real MongoDB server and the WAHA simulator: every outcome and edge."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from support import message, seconds, utcnow
+
+from poller.settings import Settings
+from poller.store import Store
+from poller.testing.waha import Request, WahaSimulator, engine_error
+from poller.tick import TickCounts, tick
+from poller.waha import WahaClient
+
+
+def run_tick(
+    store: Store, settings: Settings, now: Any = None, stop: threading.Event | None = None
+) -> TickCounts:
+    client = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
+    try:
+        return tick(store, client, settings.batch_size, now=now, stop=stop)
+    finally:
+        client.close()
+
+
+def get(store: Store, message_id: Any) -> dict[str, Any]:
+    doc = store.messages.find_one({"_id": message_id})
+    assert doc is not None
+    return doc
+
+
+def add(store: Store, **kwargs: Any) -> Any:
+    scheduled = kwargs.pop("scheduled_at", utcnow())
+    return store.messages.insert_one(message(scheduled, **kwargs)).inserted_id
+
+
+# -- sent -----------------------------------------------------------------------------------------
+
+
+def test_due_message_is_sent_and_marked(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    message_id = add(store, scheduled_at=now - seconds(5), content="Reminder: 10:00")
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.claimed, counts.sent) == (1, 1)
+    [sent] = waha.sent
+    assert (sent.session, sent.chat_id, sent.text) == (
+        "default",
+        "447700900123@c.us",
+        "Reminder: 10:00",
+    )
+    doc = get(store, message_id)
+    assert doc["status"] == "sent" and doc["isSent"] is True and doc["isPicked"] is True
+    assert doc["sentAt"] == now and doc["pickedAt"] == now
+    assert doc["pickedBy"] == settings.instance_id
+    assert doc["wahaMessageId"] == sent.id
+    assert doc["attempts"] == 1
+    assert doc["lastError"] is None and "leaseUntil" not in doc
+    [request] = waha.requests
+    assert request.headers["X-Api-Key"] == settings.waha_api_key
+    assert request.json() == {
+        "session": "default",
+        "chatId": "447700900123@c.us",
+        "text": "Reminder: 10:00",
+    }
+
+
+def test_a_sent_message_is_not_sent_again(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    add(store, scheduled_at=now)
+    run_tick(store, settings, now=now)
+    second = run_tick(store, settings, now=now + seconds(30))
+    assert second.claimed == 0 and len(waha.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("chat_id", "expected"),
+    [
+        ("447700900123", "447700900123@c.us"),
+        ("+44 7700 900123", "447700900123@c.us"),
+        ("447700900123@s.whatsapp.net", "447700900123@c.us"),
+        ("120363012345678901@g.us", "120363012345678901@g.us"),
+        ("447700900123-1600000000@g.us", "447700900123-1600000000@g.us"),
+        ("123456789012345@lid", "123456789012345@lid"),
+        ("120363000000000001@newsletter", "120363000000000001@newsletter"),
+    ],
+)
+def test_chat_ids_are_normalised(
+    store: Store, settings: Settings, waha: WahaSimulator, chat_id: str, expected: str
+) -> None:
+    add(store, chat_id=chat_id)
+    run_tick(store, settings)
+    assert [m.chat_id for m in waha.sent] == [expected]
+
+
+@pytest.mark.parametrize("as_string", [False, True])
+def test_session_comes_from_the_session_document(
+    store: Store, settings: Settings, waha: WahaSimulator, as_string: bool
+) -> None:
+    waha.sessions["sales"] = "WORKING"
+    session_id = store.sessions.insert_one({"name": "sales"}).inserted_id
+    add(store, session=None, sessionId=str(session_id) if as_string else session_id)
+    run_tick(store, settings)
+    assert [m.session for m in waha.sent] == ["sales"]
+
+
+# -- failed for good, before any request ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"chatId": "not-a-number"}, "chatId 'not-a-number' is not a WhatsApp id"),
+        ({"chatId": "12@c.us"}, "is not a WhatsApp id"),
+        ({"chatId": "status@broadcast"}, "is not a WhatsApp id"),
+        ({"chatId": None}, "chatId None is not"),
+        ({"content": ""}, "no text to send"),
+        ({"content": "   "}, "no text to send"),
+        ({"content": None}, "no text to send"),
+        ({"session": None}, "names no WhatsApp session"),
+        (
+            {"session": None, "sessionId": ObjectId("0123456789abcdef01234567")},
+            "matches no WhatsApp",
+        ),
+    ],
+)
+def test_bad_messages_fail_with_a_reason_and_no_request(
+    store: Store, settings: Settings, waha: WahaSimulator, fields: dict[str, Any], reason: str
+) -> None:
+    doc = message(utcnow())
+    doc.update(fields)
+    if doc.get("session") is None:
+        doc.pop("session")
+    message_id = store.messages.insert_one(doc).inserted_id
+
+    counts = run_tick(store, settings)
+
+    assert counts.failed == 1
+    assert waha.requests == []
+    doc = get(store, message_id)
+    assert doc["status"] == "failed" and doc["isSent"] is False
+    assert reason in doc["lastError"]
+
+
+# -- WAHA's answers -------------------------------------------------------------------------------
+
+
+def test_wrong_api_key_stops_sending_and_leaves_messages_pending(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    settings = make_settings(waha_api_key="wrong-key")
+    now = utcnow()
+    ids = [add(store, scheduled_at=now, chat_id=f"4477009001{n:02d}") for n in range(3)]
+
+    counts = run_tick(store, settings, now=now)
+
+    assert counts.key_rejected and counts.sent == 0 and counts.failed == 0
+    assert len(waha.requests) == 1, "no further request once the key was refused"
+    for message_id in ids:
+        doc = get(store, message_id)
+        assert doc["status"] == "pending" and doc["isPicked"] is False and doc["isSent"] is False
+        assert "leaseUntil" not in doc and "pickedBy" not in doc
+    assert "API key" in get(store, ids[0])["lastError"]
+    assert get(store, ids[0]).get("attempts", 0) == 1
+
+    # With the right key the same messages go out on the next tick.
+    counts = run_tick(store, make_settings(), now=now + seconds(30))
+    assert counts.sent == 3
+
+
+def test_session_not_started_is_retried_later_then_sent(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.sessions.clear()
+    now = utcnow()
+    first, second = (
+        add(store, scheduled_at=now),
+        add(store, scheduled_at=now, chat_id="447700900999"),
+    )
+
+    counts = run_tick(store, settings, now=now)
+
+    assert counts.retried == 2 and counts.sent == 0
+    assert len(waha.requests) == 1, "the session's other message waits without a request"
+    doc = get(store, first)
+    assert doc["status"] == "retry" and doc["isPicked"] is False
+    assert doc["retryAt"] == now + seconds(settings.retry_seconds)
+    assert "session 'default' is not started" in doc["lastError"]
+
+    # Not retried before retryAt ...
+    assert run_tick(store, settings, now=now + seconds(10)).claimed == 0
+    # ... and sent once the session is up.
+    waha.sessions["default"] = "WORKING"
+    counts = run_tick(store, settings, now=now + seconds(settings.retry_seconds))
+    assert counts.sent == 2
+    assert get(store, first)["attempts"] == 2 and get(store, second)["attempts"] == 1
+
+
+def test_session_not_working_is_retried(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.sessions["default"] = "SCAN_QR_CODE"
+    message_id = add(store)
+    counts = run_tick(store, settings)
+    assert counts.retried == 1
+    doc = get(store, message_id)
+    assert doc["status"] == "retry"
+    assert "'default' is SCAN_QR_CODE, not WORKING" in doc["lastError"]
+
+
+def test_a_retried_message_expires_with_its_last_error_after_the_lookback(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.sessions["default"] = "STARTING"
+    now = utcnow()
+    message_id = add(store, scheduled_at=now)
+    run_tick(store, settings, now=now)
+
+    counts = run_tick(store, settings, now=now + seconds(settings.lookback_seconds + 1))
+
+    assert counts.expired == 1
+    doc = get(store, message_id)
+    assert doc["status"] == "expired" and doc["isSent"] is False
+    assert "more than 120 s past" in doc["lastError"]
+    assert "Last attempt: WhatsApp session 'default' is STARTING" in doc["lastError"]
+
+
+def test_engine_error_fails_and_is_never_resent(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.scripted["447700900123@c.us"] = engine_error("2 UNKNOWN: server returned error 463")
+    now = utcnow()
+    message_id = add(store, scheduled_at=now)
+
+    counts = run_tick(store, settings, now=now)
+    run_tick(store, settings, now=now + seconds(60))
+
+    assert counts.failed == 1
+    assert len(waha.requests) == 1
+    doc = get(store, message_id)
+    assert doc["status"] == "failed"
+    assert "500: 2 UNKNOWN: server returned error 463" in doc["lastError"]
+    assert "may have received it" in doc["lastError"]
+
+
+def test_bad_request_fails(store: Store, settings: Settings, waha: WahaSimulator) -> None:
+    waha.scripted["447700900123@c.us"] = (
+        400,
+        {"statusCode": 400, "message": "chatId must be a string", "error": "Bad Request"},
+    )
+    message_id = add(store)
+    assert run_tick(store, settings).failed == 1
+    assert (
+        "WAHA refused the message (400: chatId must be a string)"
+        in get(store, message_id)["lastError"]
+    )
+
+
+def test_waha_unreachable_is_retried(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    settings = make_settings()
+    waha.stop()  # the port is closed now: connections are refused
+    now = utcnow()
+    ids = [add(store, scheduled_at=now), add(store, scheduled_at=now, chat_id="447700900999")]
+
+    counts = run_tick(store, settings, now=now)
+
+    assert counts.retried == 1 and counts.released == 1
+    doc = get(store, ids[0])
+    assert doc["status"] == "retry" and "could not be reached" in doc["lastError"]
+    assert get(store, ids[1])["status"] == "pending"
+
+
+def test_waha_timeout_is_retried(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    waha.latency = 1.5
+    settings = make_settings(waha_timeout_seconds=0.5)
+    message_id = add(store)
+    counts = run_tick(store, settings)
+    assert counts.retried == 1
+    assert "did not answer in time" in get(store, message_id)["lastError"]
+
+
+# -- what is claimed ------------------------------------------------------------------------------
+
+
+def test_lookback_edges(store: Store, settings: Settings, waha: WahaSimulator) -> None:
+    now = utcnow()
+    lookback = seconds(settings.lookback_seconds)
+    oldest = add(store, scheduled_at=now - lookback, chat_id="447700900001")
+    too_old = add(store, scheduled_at=now - lookback - seconds(0.001), chat_id="447700900002")
+    due_now = add(store, scheduled_at=now, chat_id="447700900003")
+    future = add(store, scheduled_at=now + seconds(0.001), chat_id="447700900004")
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.sent, counts.expired) == (3 - 1, 1)
+    assert get(store, oldest)["status"] == "sent"
+    assert get(store, due_now)["status"] == "sent"
+    expired = get(store, too_old)
+    assert expired["status"] == "expired" and expired["isSent"] is False
+    assert expired["lastError"].startswith("Not sent: it was more than 120 s past")
+    assert get(store, future).get("status") is None
+    assert sorted(m.chat_id for m in waha.sent) == ["447700900001@c.us", "447700900003@c.us"]
+
+
+def test_flags_and_missing_flags(store: Store, settings: Settings, waha: WahaSimulator) -> None:
+    now = utcnow()
+    store.messages.insert_many(
+        [
+            {"scheduledAt": now, "chatId": "447700900001", "content": "x", "session": "default"},
+            message(now, chat_id="447700900002", isSent=True),
+            message(now, chat_id="447700900003", isDeleted=True),
+            message(now, chat_id="447700900004", isPicked=True),
+            message(now - seconds(600), chat_id="447700900005", isDeleted=True),
+        ]
+    )
+    counts = run_tick(store, settings, now=now)
+    assert counts.sent == 1 and counts.expired == 0
+    assert [m.chat_id for m in waha.sent] == ["447700900001@c.us"]
+
+
+def test_claim_query_uses_an_index(store: Store, settings: Settings) -> None:
+    now = utcnow()
+    store.messages.insert_many(
+        [
+            message(now - seconds(3600 + n), chat_id=f"4477009{n:05d}", isSent=True, isPicked=True)
+            for n in range(50)
+        ]
+        + [message(now, chat_id="447700900999")]
+    )
+    plan = store.messages.find(store.claimable(now)).hint([("isPicked", 1), ("scheduledAt", 1)])
+    explained = plan.explain()
+    text = str(explained["queryPlanner"]["winningPlan"])
+    assert "IXSCAN" in text and "COLLSCAN" not in text
+    assert explained["executionStats"]["totalDocsExamined"] <= 2
+
+
+def test_claim_is_exclusive_between_two_pollers(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    chats = [f"44770090{n:04d}@c.us" for n in range(60)]
+    store.messages.insert_many([message(now, chat_id=c) for c in chats])
+    pollers = [make_settings(batch_size=7), make_settings(batch_size=7)]
+    start = threading.Barrier(2)
+    results: list[TickCounts] = []
+
+    def poll(settings: Settings) -> None:
+        own = Store.connect(settings)
+        start.wait()
+        results.append(run_tick(own, settings, now=now))
+        own.close()
+
+    threads = [threading.Thread(target=poll, args=(s,)) for s in pollers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(m.chat_id for m in waha.sent) == sorted(chats), "each message exactly once"
+    assert sum(r.sent for r in results) == 60
+    owners = {d["pickedBy"] for d in store.messages.find()}
+    assert owners <= {s.instance_id for s in pollers}
+
+
+# -- leases and stopping --------------------------------------------------------------------------
+
+
+def test_claims_of_a_dead_poller_are_taken_over(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    message_id = add(
+        store,
+        scheduled_at=now - seconds(200),
+        isPicked=True,
+        status="claimed",
+        pickedBy="dead-poller",
+        pickedAt=now - seconds(200),
+        leaseUntil=now - seconds(1),
+    )
+    counts = run_tick(store, settings, now=now)
+    assert counts.sent == 1
+    assert get(store, message_id)["pickedBy"] == settings.instance_id
+
+
+def test_live_claims_of_another_poller_are_left_alone(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    add(
+        store,
+        scheduled_at=now,
+        isPicked=True,
+        status="claimed",
+        pickedBy="other",
+        pickedAt=now,
+        leaseUntil=now + seconds(60),
+    )
+    assert run_tick(store, settings, now=now).claimed == 0
+    assert waha.requests == []
+
+
+def test_claims_abandoned_too_long_expire(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    message_id = add(
+        store,
+        scheduled_at=now - seconds(900),
+        isPicked=True,
+        status="claimed",
+        pickedBy="dead-poller",
+        leaseUntil=now - seconds(settings.lookback_seconds + 1),
+    )
+    assert run_tick(store, settings, now=now).expired == 1
+    doc = get(store, message_id)
+    assert doc["status"] == "expired" and "no poller took it over" in doc["lastError"]
+    assert waha.requests == []
+
+
+def test_a_send_interrupted_by_a_crash_is_unknown_not_resent(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    message_id = add(
+        store,
+        scheduled_at=now - seconds(30),
+        isPicked=True,
+        status="sending",
+        pickedBy="dead-poller",
+        attempts=1,
+        leaseUntil=now - seconds(1),
+    )
+    counts = run_tick(store, settings, now=now)
+    assert counts.unknown == 1 and waha.requests == []
+    doc = get(store, message_id)
+    assert doc["status"] == "unknown" and doc["isSent"] is False
+    assert "may or may not have been delivered" in doc["lastError"]
+
+
+def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    stop = threading.Event()
+    original = waha.validator
+
+    def stop_on_first_request(request: Request) -> str | None:
+        stop.set()  # as if SIGTERM arrived while this request is in flight
+        return original(request) if original else None
+
+    waha.validator = stop_on_first_request
+    now = utcnow()
+    ids = [
+        add(store, scheduled_at=now + seconds(-n), chat_id=f"4477009000{n:02d}") for n in range(4)
+    ]
+
+    counts = run_tick(store, settings, now=now, stop=stop)
+
+    assert (counts.claimed, counts.sent, counts.released) == (4, 1, 3)
+    statuses = sorted(get(store, i)["status"] for i in ids)
+    assert statuses == ["pending", "pending", "pending", "sent"]
+    for doc in store.messages.find({"status": "pending"}):
+        assert doc["isPicked"] is False and "pickedBy" not in doc and "leaseUntil" not in doc
+
+
+def test_long_batches_renew_their_lease(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    settings = make_settings(lease_seconds=1.0)
+    waha.latency = 0.3
+    now = utcnow()
+    for n in range(6):
+        add(store, scheduled_at=now, chat_id=f"4477009000{n:02d}")
+    seen: list[Any] = []
+    original = waha.validator
+
+    def watch_leases(request: Request) -> str | None:
+        # Every claim this poller still holds must have a live lease while it works.
+        lapsed = store.messages.count_documents(
+            {"status": "claimed", "leaseUntil": {"$lt": utcnow()}}
+        )
+        seen.append(lapsed)
+        return original(request) if original else None
+
+    waha.validator = watch_leases
+    counts = run_tick(store, settings)
+    assert counts.sent == 6
+    assert seen == [0] * 6
+
+
+# -- campaigns ------------------------------------------------------------------------------------
+
+
+def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) -> None:
+    now = utcnow()
+    campaign = store.campaigns.insert_one({"name": "Sale", "status": "running"}).inserted_id
+    add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900001")
+    add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900002")
+    add(store, scheduled_at=now + seconds(60), campaignId=campaign, chat_id="447700900003")
+    add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900004", isDeleted=True)
+
+    run_tick(store, settings, now=now)
+    doc = store.campaigns.find_one({"_id": campaign})
+    assert doc is not None
+    assert doc["status"] == "running"
+    assert doc["stats"] == {"total": 3, "sent": 2, "failed": 0, "expired": 0, "unknown": 0}
+
+    run_tick(store, settings, now=now + seconds(60))
+    doc = store.campaigns.find_one({"_id": campaign})
+    assert doc is not None
+    assert doc["status"] == "completed" and doc["completedAt"] == now + seconds(60)
+    assert doc["stats"] == {"total": 3, "sent": 3, "failed": 0, "expired": 0, "unknown": 0}
+
+
+def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimulator) -> None:
+    now = utcnow()
+    campaign = str(
+        store.campaigns.insert_one({"name": "Sale"}).inserted_id
+    )  # referenced as a string
+    add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900001")
+    add(store, scheduled_at=now, campaignId=campaign, chat_id="bad")
+    add(store, scheduled_at=now - seconds(600), campaignId=campaign, chat_id="447700900003")
+
+    run_tick(store, settings, now=now)
+
+    doc = store.campaigns.find_one({"_id": ObjectId(campaign)})
+    assert doc is not None
+    assert doc["status"] == "completed_with_failures"
+    assert doc["stats"] == {"total": 3, "sent": 1, "failed": 1, "expired": 1, "unknown": 0}
+
+
+def test_finished_campaign_is_not_rewritten(store: Store, settings: Settings) -> None:
+    campaign = store.campaigns.insert_one(
+        {"status": "completed", "stats": {"total": 9}}
+    ).inserted_id
+    add(store, campaignId=campaign)
+    run_tick(store, settings)
+    doc = store.campaigns.find_one({"_id": campaign})
+    assert doc is not None and doc["stats"] == {"total": 9}
