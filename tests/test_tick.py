@@ -375,6 +375,35 @@ def test_claim_is_exclusive_between_two_pollers(
     assert owners <= {s.instance_id for s in pollers}
 
 
+def test_a_claim_lost_between_find_and_update_is_not_taken(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """The race the conditional update is for: a rival claims between our find and update."""
+    now = utcnow()
+    store.messages.insert_many([message(now, chat_id=f"4477009000{n:02d}") for n in range(5)])
+    rival = Store.connect(make_settings())
+    rival_took: list[dict[str, Any]] = []
+    real = store.messages
+
+    class RivalFirst:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def update_many(self, *args: Any, **kwargs: Any) -> Any:
+            if not rival_took:
+                rival_took.extend(rival.claim(now, 10))
+            return real.update_many(*args, **kwargs)
+
+    store.messages = RivalFirst()  # type: ignore[assignment]
+    try:
+        taken = store.claim(now, 10)
+    finally:
+        store.messages = real
+        rival.close()
+    assert len(rival_took) == 5
+    assert taken == []
+
+
 # -- leases and stopping --------------------------------------------------------------------------
 
 
@@ -451,6 +480,23 @@ def test_a_send_interrupted_by_a_crash_is_unknown_not_resent(
     assert "may or may not have been delivered" in doc["lastError"]
 
 
+def test_a_slow_send_given_up_as_unknown_still_records_its_success(
+    store: Store, settings: Settings
+) -> None:
+    now = utcnow()
+    message_id = add(
+        store,
+        scheduled_at=now,
+        isPicked=True,
+        status="unknown",
+        pickedBy=settings.instance_id,
+        lastError="may or may not",
+    )
+    store.mark_sent(message_id, "true_x_1", now)
+    doc = get(store, message_id)
+    assert doc["status"] == "sent" and doc["isSent"] is True and doc["lastError"] is None
+
+
 def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
@@ -496,7 +542,9 @@ def test_long_batches_renew_their_lease(
         return original(request) if original else None
 
     waha.validator = watch_leases
-    counts = run_tick(store, settings)
+    short_leases = Store.connect(settings)
+    counts = run_tick(short_leases, settings)
+    short_leases.close()
     assert counts.sent == 6
     assert seen == [0] * 6
 
