@@ -7,6 +7,7 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from pymongo.errors import ConfigurationError, InvalidURI
@@ -50,7 +51,7 @@ class Settings:
         env = os.environ if env is None else env
         uri = _required(env, "MONGODB_URI")
         try:
-            parsed = parse_uri(uri)
+            parsed = _parse_uri(uri)
         except (InvalidURI, ConfigurationError, ValueError) as exc:
             # pymongo's message can quote the URI; name the variable only.
             raise ConfigError(
@@ -88,7 +89,7 @@ class Settings:
         """Values that must never be written to a log line."""
         found = [self.waha_api_key]
         try:
-            found.append(parse_uri(self.mongodb_uri).get("password") or "")
+            found.append(_parse_uri(self.mongodb_uri).get("password") or "")
         except (InvalidURI, ConfigurationError, ValueError):
             pass
         return [s for s in found if s]
@@ -96,6 +97,12 @@ class Settings:
 
 def default_instance_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _parse_uri(uri: str) -> dict[str, Any]:
+    """Check a URI's syntax without network: a mongodb+srv:// host is resolved only on connect."""
+    srv = "mongodb+srv://"
+    return parse_uri("mongodb://" + uri[len(srv) :] if uri.startswith(srv) else uri)
 
 
 def _required(env: Mapping[str, str], name: str) -> str:

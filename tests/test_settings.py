@@ -71,3 +71,10 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
     with pytest.raises(ConfigError, match=message) as raised:
         Settings.from_env(env)
     assert "s3cret" not in str(raised.value)
+
+
+def test_srv_uri_is_checked_without_dns() -> None:
+    settings = Settings.from_env(
+        {"MONGODB_URI": "mongodb+srv://app:pw@cluster0.example.net/whatsapp"}
+    )
+    assert settings.mongodb_db == "whatsapp" and settings.secrets == ["pw"]
