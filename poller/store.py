@@ -47,6 +47,7 @@ UNKNOWN_REASON = (
 class Swept:
     expired: int
     unknown: int
+    failed: int
     campaigns: set[Any]
 
 
@@ -167,14 +168,34 @@ class Store:
         )
         in_doubt = {"status": SENDING, "leaseUntil": {"$lt": now}}
         unknown = self._settle(in_doubt, LEASE_INDEX, UNKNOWN, UNKNOWN_REASON, now, campaigns)
-        return Swept(expired, unknown, campaigns)
+        undated = {
+            "isPicked": {"$ne": True},
+            "scheduledAt": {"$not": {"$type": "date"}},
+            "isSent": {"$ne": True},
+            "isDeleted": {"$ne": True},
+        }
+        failed = self._settle(
+            undated,
+            CLAIM_INDEX,
+            FAILED,
+            {
+                "$concat": [
+                    "Not sent: scheduledAt must be a date, but it is ",
+                    {"$type": "$scheduledAt"},
+                    ", so the poller cannot tell when to send it.",
+                ]
+            },
+            now,
+            campaigns,
+        )
+        return Swept(expired, unknown, failed, campaigns)
 
     def _settle(
         self,
         query: Doc,
         hint: list[tuple[str, int]],
         status: str,
-        reason: str,
+        reason: str | Doc,
         now: datetime,
         campaigns: set[Any],
     ) -> int:

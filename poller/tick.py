@@ -66,7 +66,7 @@ def tick(
     campaigns: set[Any] = set()
 
     swept = store.sweep(clock())
-    counts.expired, counts.unknown = swept.expired, swept.unknown
+    counts.expired, counts.unknown, counts.failed = swept.expired, swept.unknown, swept.failed
     campaigns |= swept.campaigns
 
     # Sessions (or, under the key "*", the whole server) that cannot send for the rest of this tick.

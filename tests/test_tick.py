@@ -331,6 +331,30 @@ def test_flags_and_missing_flags(store: Store, settings: Settings, waha: WahaSim
     assert [m.chat_id for m in waha.sent] == ["447700900001@c.us"]
 
 
+def test_a_message_without_a_date_fails_instead_of_waiting_forever(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    undated = [
+        {"scheduledAt": "2026-11-25T10:00:00Z", "chatId": "447700900001", "content": "x"},
+        {"scheduledAt": 1795600000, "chatId": "447700900002", "content": "x"},
+        {"chatId": "447700900003", "content": "x"},
+    ]
+    ids = store.messages.insert_many(undated).inserted_ids
+    store.messages.insert_one(message(now, chat_id="447700900004"))
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.failed, counts.sent) == (3, 1)
+    reasons = [get(store, i)["lastError"] for i in ids]
+    assert [r.split(" but it is ")[1].split(",")[0] for r in reasons] == [
+        "string",
+        "int",
+        "missing",
+    ]
+    assert all(get(store, i)["status"] == "failed" for i in ids)
+
+
 def test_claim_query_uses_an_index(store: Store, settings: Settings) -> None:
     now = utcnow()
     store.messages.insert_many(
