@@ -6,7 +6,6 @@ Exit codes: 0 done, 1 MongoDB unreachable or WAHA refused the key, 2 bad configu
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from dotenv import find_dotenv, load_dotenv
@@ -61,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"poller: configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     log.setup(settings.log_level, settings.log_json, settings.secrets)
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
     from poller import daemon
 

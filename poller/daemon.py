@@ -34,7 +34,7 @@ class Poller:
         logger.info(
             "poller {} instance {}: database {}, WAHA {}",
             __version__,
-            self.settings.instance_id,
+            self.store.owner,
             self.settings.mongodb_db,
             self.settings.waha_url,
         )
@@ -51,7 +51,11 @@ class Poller:
 
 def once(settings: Settings) -> int:
     """One tick. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the API key."""
-    poller = Poller(settings)
+    try:
+        poller = Poller(settings)
+    except PyMongoError as exc:  # e.g. a mongodb+srv:// name that does not resolve
+        logger.error("MongoDB is unavailable: {}", exc)
+        return 1
     try:
         poller.start()
         counts = poller.tick()
@@ -69,13 +73,17 @@ def run(settings: Settings) -> int:
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # Only set a flag: the tick notices it between two messages.
-        logger.info("received {}: finishing the message in flight", signal.Signals(signum).name)
         stop.set()
+        logger.info("received {}: finishing the message in flight", signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    poller = Poller(settings)
+    try:
+        poller = Poller(settings)
+    except PyMongoError as exc:
+        logger.error("crashed: MongoDB is unavailable at start-up: {}", exc)
+        return 1
     try:
         poller.start()
     except PyMongoError as exc:

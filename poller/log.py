@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -32,3 +33,10 @@ def setup(level: str = "INFO", json: bool = False, secrets: Iterable[str] = ()) 
         backtrace=False,
         diagnose=False,
     )
+    # Libraries' warnings (APScheduler: a tick ran past the next one) go through the same sink.
+    logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
+
+
+class _ToLoguru(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.opt(depth=6).log(record.levelname, "{}: {}", record.name, record.getMessage())

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
@@ -89,10 +89,11 @@ class Settings:
         """Values that must never be written to a log line."""
         found = [self.waha_api_key]
         try:
-            found.append(_parse_uri(self.mongodb_uri).get("password") or "")
+            password = _parse_uri(self.mongodb_uri).get("password") or ""
+            found += [password, quote(password, safe=""), quote_plus(password)]
         except (InvalidURI, ConfigurationError, ValueError):
             pass
-        return [s for s in found if s]
+        return sorted({s for s in found if s})
 
 
 def default_instance_id() -> str:
@@ -131,8 +132,11 @@ def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
-    if parts.username or parts.password:
-        raise ConfigError(f"{name} must not carry credentials; set WAHA_API_KEY instead")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{name} must be a plain base URL, without credentials or a query "
+            "(the key goes in WAHA_API_KEY)"
+        )
     return raw.rstrip("/")
 
 

@@ -12,6 +12,7 @@ A message moves through these states (the `status` field):
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,6 +32,9 @@ PENDING, RETRY, CLAIMED, SENDING = "pending", "retry", "claimed", "sending"
 SENT, FAILED, EXPIRED, UNKNOWN = "sent", "failed", "expired", "unknown"
 FINAL = (SENT, FAILED, EXPIRED, UNKNOWN)
 CAMPAIGN_DONE = ("completed", "completed_with_failures", "cancelled")
+# Any "yes" the web app may write in isSent / isDeleted keeps a message back.
+YES = [True, 1, "true"]
+NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 
 # Key patterns, hinted by pattern so an identical index the web app made under another name serves.
 CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
@@ -58,7 +62,8 @@ class Store:
         self.messages: Collection[Doc] = self.db[settings.messages_collection]
         self.campaigns: Collection[Doc] = self.db[settings.campaigns_collection]
         self.sessions: Collection[Doc] = self.db[settings.sessions_collection]
-        self.owner = settings.instance_id
+        # Unique per process, so that replicas sharing POLLER_INSTANCE_ID never share claims.
+        self.owner = f"{settings.instance_id}/{secrets.token_hex(4)}"
         self.lookback = timedelta(seconds=settings.lookback_seconds)
         self.lease = timedelta(seconds=settings.lease_seconds)
         self.retry_delay = timedelta(seconds=settings.retry_seconds)
@@ -71,7 +76,8 @@ class Store:
             settings.mongodb_uri,
             tz_aware=True,
             appname="poller",
-            serverSelectionTimeoutMS=int(settings.mongodb_timeout_seconds * 1000),
+            # Bounds every operation, server selection included: a hung server cannot hang a tick.
+            timeoutMS=int(settings.mongodb_timeout_seconds * 1000),
         )
         return cls(client, settings)
 
@@ -98,8 +104,7 @@ class Store:
         return {
             "isPicked": {"$ne": True},
             "scheduledAt": {"$gte": now - self.lookback, "$lte": now},
-            "isSent": {"$ne": True},
-            "isDeleted": {"$ne": True},
+            **NOT_DONE,
             "retryAt": {"$not": {"$gt": now}},
         }
 
@@ -111,12 +116,17 @@ class Store:
         """
         until = now + self.lease
         taken: list[Doc] = []
-        lapsed = {"status": CLAIMED, "leaseUntil": {"$lt": now, "$gte": now - self.lookback}}
+        lapsed = {
+            "status": CLAIMED,
+            "leaseUntil": {"$lt": now, "$gte": now - self.lookback},
+            **NOT_DONE,
+        }
         for query, hint in ((lapsed, LEASE_INDEX), (self.claimable(now), CLAIM_INDEX)):
             room = limit - len(taken)
             if room <= 0:
                 break
-            ids = [d["_id"] for d in self.messages.find(query, {"_id": 1}, hint=hint).limit(room)]
+            oldest = self.messages.find(query, {"_id": 1}, hint=hint, sort=[(hint[-1][0], 1)])
+            ids = [d["_id"] for d in oldest.limit(room)]
             if not ids:
                 continue
             self.messages.update_many(
@@ -144,8 +154,7 @@ class Store:
         never_sent = {
             "isPicked": {"$ne": True},
             "scheduledAt": {"$lt": late},
-            "isSent": {"$ne": True},
-            "isDeleted": {"$ne": True},
+            **NOT_DONE,
         }
         expired = self._settle(
             never_sent,
@@ -171,8 +180,7 @@ class Store:
         undated = {
             "isPicked": {"$ne": True},
             "scheduledAt": {"$not": {"$type": "date"}},
-            "isSent": {"$ne": True},
-            "isDeleted": {"$ne": True},
+            **NOT_DONE,
         }
         failed = self._settle(
             undated,
@@ -226,9 +234,9 @@ class Store:
     # -- one message's life --------------------------------------------------------------------
 
     def start_sending(self, message_id: Any, now: datetime) -> bool:
-        """Mark a claimed message as in flight; False when the claim is no longer ours."""
+        """Mark a claimed message as in flight; False when it is no longer ours, or was deleted."""
         result = self.messages.update_one(
-            {"_id": message_id, "pickedBy": self.owner, "status": CLAIMED},
+            {"_id": message_id, "pickedBy": self.owner, "status": CLAIMED, **NOT_DONE},
             {
                 "$set": {"status": SENDING, "leaseUntil": now + self.send_lease},
                 "$inc": {"attempts": 1},
@@ -236,9 +244,9 @@ class Store:
         )
         return result.modified_count == 1
 
-    def mark_sent(self, message_id: Any, waha_message_id: str | None, now: datetime) -> None:
+    def mark_sent(self, message_id: Any, waha_message_id: str | None, now: datetime) -> bool:
         # `unknown` too: a slow send that another poller gave up on did go out after all.
-        self.messages.update_one(
+        result = self.messages.update_one(
             {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}},
             {
                 "$set": {
@@ -251,6 +259,7 @@ class Store:
                 "$unset": {"leaseUntil": "", "retryAt": ""},
             },
         )
+        return result.modified_count == 1
 
     def mark_failed(self, message_id: Any, reason: str, now: datetime) -> None:
         self.messages.update_one(
@@ -289,7 +298,7 @@ class Store:
             {"$set": {"leaseUntil": until}},
         )
 
-    def session_name(self, session_id: Any) -> str | None:
+    def session_name(self, session_id: ObjectId | str | int) -> str | None:
         found = self.sessions.find_one({"_id": {"$in": id_variants(session_id)}}, {"name": 1})
         name = found.get("name") if found else None
         return name.strip() if isinstance(name, str) and name.strip() else None
@@ -318,7 +327,7 @@ class Store:
             row["_id"]: row["n"]
             for row in self.messages.aggregate(
                 [
-                    {"$match": {"campaignId": campaign_id}},
+                    {"$match": {"campaignId": {"$in": id_variants(campaign_id)}}},
                     {
                         "$group": {
                             "_id": {

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from bson import ObjectId
 from loguru import logger
 
 from poller.store import Doc, Store
@@ -65,22 +66,30 @@ def tick(
     counts = TickCounts()
     campaigns: set[Any] = set()
 
-    swept = store.sweep(clock())
-    counts.expired, counts.unknown, counts.failed = swept.expired, swept.unknown, swept.failed
-    campaigns |= swept.campaigns
+    try:
+        swept = store.sweep(clock())
+        counts.expired, counts.unknown, counts.failed = swept.expired, swept.unknown, swept.failed
+        campaigns |= _campaign_ids(swept.campaigns)
 
-    # Sessions (or, under the key "*", the whole server) that cannot send for the rest of this tick.
-    blocked: dict[str, Outcome] = {}
-    while not stop.is_set() and "*" not in blocked:
-        batch = store.claim(clock(), batch_size)
-        if not batch:
-            break
-        counts.claimed += len(batch)
-        campaigns |= {d["campaignId"] for d in batch if d.get("campaignId") is not None}
-        _send_batch(store, waha, batch, clock, stop, blocked, counts)
-
-    store.rollup(campaigns, clock())
+        # Sessions (or, under the key "*", the whole server) that cannot send for the rest of
+        # this tick.
+        blocked: dict[str, Outcome] = {}
+        while not stop.is_set() and "*" not in blocked:
+            batch = store.claim(clock(), batch_size)
+            if not batch:
+                break
+            counts.claimed += len(batch)
+            campaigns |= _campaign_ids(d.get("campaignId") for d in batch)
+            _send_batch(store, waha, batch, clock, stop, blocked, counts)
+    finally:
+        # Even after a failure: what was settled before it must show in its campaign.
+        store.rollup(campaigns, clock())
     return counts
+
+
+def _campaign_ids(values: Iterable[Any]) -> set[Any]:
+    """Campaign references that can name a campaign; anything else is not rolled up."""
+    return {v for v in values if isinstance(v, ObjectId | str | int) and not isinstance(v, bool)}
 
 
 def _send_batch(
@@ -118,7 +127,8 @@ def _send_batch(
             counts.retried += 1
             continue
         if not store.start_sending(doc["_id"], clock()):
-            logger.warning("message {} was taken over by another poller; skipped", doc["_id"])
+            store.release([doc["_id"]])
+            logger.warning("message {} was deleted or taken over meanwhile; skipped", doc["_id"])
             continue
 
         outcome = waha.send_text(ready.session, ready.chat_id, ready.text)
@@ -136,7 +146,10 @@ def _record(
 ) -> None:
     message_id = doc["_id"]
     if outcome.verdict is Verdict.SENT:
-        store.mark_sent(message_id, outcome.message_id, now)
+        if not store.mark_sent(message_id, outcome.message_id, now):
+            logger.error(
+                "message {} was sent, but its document had changed: not recorded", message_id
+            )
         counts.sent += 1
         logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
     elif outcome.verdict is Verdict.FAILED:
@@ -174,6 +187,8 @@ def prepare(doc: Doc, store: Store) -> Ready | str:
     session_id = doc.get("sessionId")
     if session_id is None or session_id == "":
         return "The message names no WhatsApp session (set session or sessionId)."
+    if not isinstance(session_id, ObjectId | str | int) or isinstance(session_id, bool):
+        return f"sessionId {_show(session_id)} is not an id (an ObjectId or a string)."
     name = store.session_name(session_id)
     if name is None:
         return (

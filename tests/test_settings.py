@@ -50,7 +50,9 @@ def test_overrides() -> None:
 
 def test_secrets_are_the_key_and_the_password() -> None:
     settings = Settings.from_env({**BASE, "WAHA_API_KEY": "key-1"})
-    assert sorted(settings.secrets) == ["key-1", "s3cret"]
+    assert settings.secrets == ["key-1", "s3cret"]
+    encoded = Settings.from_env({"MONGODB_URI": "mongodb://app:p%40ss@db/whatsapp"})
+    assert encoded.secrets == ["p%40ss", "p@ss"]
 
 
 @pytest.mark.parametrize(
@@ -60,7 +62,8 @@ def test_secrets_are_the_key_and_the_password() -> None:
         ({"MONGODB_URI": "  "}, "MONGODB_URI is required"),
         ({"MONGODB_URI": "mongodb://h:notaport/db"}, "MONGODB_URI is not a valid"),
         ({**BASE, "WAHA_URL": "localhost:3000"}, "WAHA_URL must be an http"),
-        ({**BASE, "WAHA_URL": "http://user:pw@waha"}, "WAHA_URL must not carry credentials"),
+        ({**BASE, "WAHA_URL": "http://user:pw@waha"}, "WAHA_URL must be a plain base URL"),
+        ({**BASE, "WAHA_URL": "http://waha?x-api-key=k"}, "WAHA_URL must be a plain base URL"),
         ({**BASE, "POLL_INTERVAL_SECONDS": "0"}, "POLL_INTERVAL_SECONDS must be greater than 0"),
         ({**BASE, "WAHA_TIMEOUT_SECONDS": "nan"}, "WAHA_TIMEOUT_SECONDS must be greater than 0"),
         ({**BASE, "MESSAGES_COLLECTION": "a$b"}, "MESSAGES_COLLECTION is not a valid"),

@@ -59,7 +59,7 @@ def test_due_message_is_sent_and_marked(
     doc = get(store, message_id)
     assert doc["status"] == "sent" and doc["isSent"] is True and doc["isPicked"] is True
     assert doc["sentAt"] == now and doc["pickedAt"] == now
-    assert doc["pickedBy"] == settings.instance_id
+    assert doc["pickedBy"].startswith(settings.instance_id + "/")
     assert doc["wahaMessageId"] == sent.id
     assert doc["attempts"] == 1
     assert doc["lastError"] is None and "leaseUntil" not in doc
@@ -355,6 +355,59 @@ def test_a_message_without_a_date_fails_instead_of_waiting_forever(
     assert all(get(store, i)["status"] == "failed" for i in ids)
 
 
+def test_odd_yes_values_keep_a_message_back(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    store.messages.insert_many(
+        [
+            message(now, chat_id="447700900001", isDeleted="true"),
+            message(now, chat_id="447700900002", isDeleted=1),
+            message(now, chat_id="447700900003", isSent=1),
+            message(now - seconds(600), chat_id="447700900004", isSent="true"),
+            message(now, chat_id="447700900005", isDeleted=0),
+        ]
+    )
+    counts = run_tick(store, settings, now=now)
+    assert (counts.sent, counts.expired) == (1, 0)
+    assert [m.chat_id for m in waha.sent] == ["447700900005@c.us"]
+
+
+def test_odd_references_fail_the_message_not_the_tick(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    bad_session = add(store, scheduled_at=now, session=None, sessionId={"$oid": "x"})
+    bad_campaign = add(store, scheduled_at=now, chat_id="447700900002", campaignId=["a", "b"])
+    good = add(store, scheduled_at=now, chat_id="447700900003")
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.sent, counts.failed) == (2, 1)
+    assert "is not an id" in get(store, bad_session)["lastError"]
+    assert get(store, bad_campaign)["status"] == "sent" and get(store, good)["status"] == "sent"
+
+
+def test_a_message_deleted_after_its_claim_is_not_sent(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    first = add(store, scheduled_at=now - seconds(1), chat_id="447700900001")
+    second = add(store, scheduled_at=now, chat_id="447700900002")
+    original = waha.validator
+
+    def delete_second(request: Request) -> str | None:
+        store.messages.update_one({"_id": second}, {"$set": {"isDeleted": True}})
+        return original(request) if original else None
+
+    waha.validator = delete_second  # the web app deletes it while the first is being sent
+    counts = run_tick(store, settings, now=now)
+
+    assert counts.sent == 1 and [m.chat_id for m in waha.sent] == ["447700900001@c.us"]
+    assert get(store, first)["status"] == "sent"
+    assert get(store, second)["isPicked"] is False and get(store, second)["isDeleted"] is True
+
+
 def test_claim_query_uses_an_index(store: Store, settings: Settings) -> None:
     now = utcnow()
     store.messages.insert_many(
@@ -377,7 +430,11 @@ def test_claim_is_exclusive_between_two_pollers(
     now = utcnow()
     chats = [f"44770090{n:04d}@c.us" for n in range(60)]
     store.messages.insert_many([message(now, chat_id=c) for c in chats])
-    pollers = [make_settings(batch_size=7), make_settings(batch_size=7)]
+    # Both with the same POLLER_INSTANCE_ID, as replicas sharing one .env would be.
+    pollers = [
+        make_settings(batch_size=7, instance_id="vps"),
+        make_settings(batch_size=7, instance_id="vps"),
+    ]
     start = threading.Barrier(2)
     results: list[TickCounts] = []
 
@@ -395,7 +452,8 @@ def test_claim_is_exclusive_between_two_pollers(
 
     assert sorted(m.chat_id for m in waha.sent) == sorted(chats), "each message exactly once"
     assert sum(r.sent for r in results) == 60
-    owners = {d["pickedBy"] for d in store.messages.find()}
+    assert not any(t.is_alive() for t in threads)
+    owners = {d["pickedBy"].split("/")[0] for d in store.messages.find()}
     assert owners <= {s.instance_id for s in pollers}
 
 
@@ -446,7 +504,7 @@ def test_claims_of_a_dead_poller_are_taken_over(
     )
     counts = run_tick(store, settings, now=now)
     assert counts.sent == 1
-    assert get(store, message_id)["pickedBy"] == settings.instance_id
+    assert get(store, message_id)["pickedBy"].startswith(settings.instance_id + "/")
 
 
 def test_live_claims_of_another_poller_are_left_alone(
@@ -513,10 +571,10 @@ def test_a_slow_send_given_up_as_unknown_still_records_its_success(
         scheduled_at=now,
         isPicked=True,
         status="unknown",
-        pickedBy=settings.instance_id,
+        pickedBy=store.owner,
         lastError="may or may not",
     )
-    store.mark_sent(message_id, "true_x_1", now)
+    assert store.mark_sent(message_id, "true_x_1", now)
     doc = get(store, message_id)
     assert doc["status"] == "sent" and doc["isSent"] is True and doc["lastError"] is None
 
@@ -612,6 +670,19 @@ def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimu
     assert doc is not None
     assert doc["status"] == "completed_with_failures"
     assert doc["stats"] == {"total": 3, "sent": 1, "failed": 1, "expired": 1, "unknown": 0}
+
+
+def test_campaign_referenced_both_ways_is_counted_whole(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    campaign = store.campaigns.insert_one({"name": "Sale"}).inserted_id
+    add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900001")
+    add(store, scheduled_at=now + seconds(60), campaignId=str(campaign), chat_id="447700900002")
+    run_tick(store, settings, now=now)
+    doc = store.campaigns.find_one({"_id": campaign})
+    assert doc is not None and "status" not in doc
+    assert doc["stats"]["total"] == 2 and doc["stats"]["sent"] == 1
 
 
 def test_finished_campaign_is_not_rewritten(store: Store, settings: Settings) -> None:
