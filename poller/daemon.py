@@ -51,14 +51,12 @@ class Poller:
 
 def once(settings: Settings) -> int:
     """One tick. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the API key."""
-    try:
-        poller = Poller(settings)
-    except PyMongoError as exc:  # e.g. a mongodb+srv:// name that does not resolve
-        logger.error("MongoDB is unavailable: {}", exc)
+    stop = _stop_on_signals()
+    poller = _open(settings, "MongoDB is unavailable")
+    if poller is None:
         return 1
     try:
-        poller.start()
-        counts = poller.tick()
+        counts = poller.tick(stop)
     except PyMongoError as exc:
         logger.error("MongoDB is unavailable: {}", exc)
         return 1
@@ -69,26 +67,9 @@ def once(settings: Settings) -> int:
 
 def run(settings: Settings) -> int:
     """Tick every POLL_INTERVAL_SECONDS until SIGTERM/SIGINT; 0 after a clean stop."""
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        # Only set a flag: the tick notices it between two messages.
-        stop.set()
-        logger.info("received {}: finishing the message in flight", signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    try:
-        poller = Poller(settings)
-    except PyMongoError as exc:
-        logger.error("crashed: MongoDB is unavailable at start-up: {}", exc)
-        return 1
-    try:
-        poller.start()
-    except PyMongoError as exc:
-        logger.error("crashed: MongoDB is unavailable at start-up: {}", exc)
-        poller.close()
+    stop = _stop_on_signals()
+    poller = _open(settings, "crashed: MongoDB is unavailable at start-up")
+    if poller is None:
         return 1
 
     def safe_tick() -> None:
@@ -119,3 +100,32 @@ def run(settings: Settings) -> int:
     poller.close()
     logger.info("stopped")
     return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGTERM (systemd, Docker) and SIGINT (PM2, Ctrl-C) set the returned flag, nothing more."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()  # the tick notices it between two messages
+        logger.info("received {}: finishing the message in flight", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
+
+
+def _open(settings: Settings, failure: str) -> Poller | None:
+    """A started Poller, or None after logging why MongoDB cannot be used."""
+    try:
+        poller = Poller(settings)  # a mongodb+srv:// name is resolved here
+    except PyMongoError as exc:
+        logger.error("{}: {}", failure, exc)
+        return None
+    try:
+        poller.start()
+    except PyMongoError as exc:
+        logger.error("{}: {}", failure, exc)
+        poller.close()
+        return None
+    return poller

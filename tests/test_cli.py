@@ -174,9 +174,12 @@ def test_secrets_never_reach_the_logs(
 # -- poller run -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_run_stops_gracefully_on_signal(
-    settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path, signum: int
+@pytest.mark.parametrize(
+    ("command", "signum"),
+    [("run", signal.SIGTERM), ("run", signal.SIGINT), ("once", signal.SIGTERM)],
+)
+def test_stops_gracefully_on_signal(
+    settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path, command: str, signum: int
 ) -> None:
     waha.latency = 1.5  # the first message is in flight when the signal arrives
     now = utcnow()
@@ -184,7 +187,11 @@ def test_run_stops_gracefully_on_signal(
         [message(now - seconds(n), chat_id=f"4477009000{n:02d}") for n in range(4)]
     ).inserted_ids
     process = subprocess.Popen(
-        POLLER + ["run"], env=environment(settings), cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        POLLER + [command],
+        env=environment(settings),
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -196,7 +203,9 @@ def test_run_stops_gracefully_on_signal(
     finally:
         process.kill()
     assert process.returncode == 0, stderr
-    assert "finishing the message in flight" in stderr and stderr.rstrip().endswith("stopped")
+    assert "finishing the message in flight" in stderr
+    last = "stopped" if command == "run" else "tick: claimed=4 sent=1"
+    assert last in stderr.rstrip().splitlines()[-1]
     assert len(waha.requests) == 1, "nothing is sent after the signal"
     docs = {d["_id"]: d for d in store.messages.find()}
     assert docs[ids[3]]["status"] == "sent", "the message in flight (the oldest) was finished"
