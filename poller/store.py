@@ -52,7 +52,7 @@ class Swept:
     expired: int
     unknown: int
     failed: int
-    campaigns: set[Any]
+    campaigns: list[Any]  # the campaignId of each settled message, as stored
 
 
 class Store:
@@ -148,7 +148,7 @@ class Store:
 
     def sweep(self, now: datetime) -> Swept:
         """Expire what is too late to send, and settle claims whose poller went away."""
-        campaigns: set[Any] = set()
+        campaigns: list[Any] = []
         late = now - self.lookback
         window = int(self.lookback.total_seconds())
         never_sent = {
@@ -205,12 +205,12 @@ class Store:
         status: str,
         reason: str | Doc,
         now: datetime,
-        campaigns: set[Any],
+        campaigns: list[Any],
     ) -> int:
         found = list(self.messages.find(query, {"_id": 1, "campaignId": 1}, hint=hint))
         if not found:
             return 0
-        campaigns.update(d["campaignId"] for d in found if d.get("campaignId") is not None)
+        campaigns.extend(d.get("campaignId") for d in found)
         # Keep the last attempt's error: it is usually why the message ran out of time.
         last = {"$concat": [reason, " Last attempt: ", {"$toString": "$lastError"}]}
         result = self.messages.update_many(

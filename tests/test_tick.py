@@ -380,10 +380,12 @@ def test_odd_references_fail_the_message_not_the_tick(
     bad_session = add(store, scheduled_at=now, session=None, sessionId={"$oid": "x"})
     bad_campaign = add(store, scheduled_at=now, chat_id="447700900002", campaignId=["a", "b"])
     good = add(store, scheduled_at=now, chat_id="447700900003")
+    late = add(store, scheduled_at=now - seconds(600), campaignId={"nested": ["junk"]})
 
     counts = run_tick(store, settings, now=now)
 
-    assert (counts.sent, counts.failed) == (2, 1)
+    assert (counts.sent, counts.failed, counts.expired) == (2, 1, 1)
+    assert get(store, late)["status"] == "expired"
     assert "is not an id" in get(store, bad_session)["lastError"]
     assert get(store, bad_campaign)["status"] == "sent" and get(store, good)["status"] == "sent"
 
