@@ -1,4 +1,4 @@
-"""Command line: `poller run`, `poller once`, `poller demo`.
+"""Command line: `poller run`, `poller once`, `poller check`, `poller status`, `poller demo`.
 
 Exit codes: 0 done, 1 MongoDB unreachable or WAHA refused the key, 2 bad configuration.
 """
@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 MongoDB unreachable or WAHA refused the key, 2 bad configu
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 from dotenv import find_dotenv, load_dotenv
@@ -36,15 +37,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, summary in (
         ("run", "run as a daemon: a tick every POLL_INTERVAL_SECONDS until SIGTERM or SIGINT"),
         ("once", "run one tick and exit (for cron and serverless schedulers)"),
+        ("check", "exit 0 when a poller is alive (its heartbeat is fresh), 1 otherwise"),
+        ("status", "show live pollers, the message backlog, the last 24 hours and campaigns"),
         ("demo", "schedule a small campaign on an embedded MongoDB and WAHA simulator, send it"),
     ):
-        commands.add_parser(
+        sub = commands.add_parser(
             name,
             help=summary,
             description=summary[0].upper() + summary[1:] + ".",
             epilog=CONFIG_HELP if name != "demo" else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        if name == "check":
+            which = sub.add_mutually_exclusive_group()
+            which.add_argument("--instance", help="only this poller (POLLER_INSTANCE_ID or its id)")
+            which.add_argument("--local", action="store_true", help="only pollers on this host")
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -60,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"poller: configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     log.setup(settings.log_level, settings.log_json, settings.secrets)
+
+    if args.command in ("check", "status"):
+        from poller import status
+
+        if args.command == "check":
+            return status.check(settings, socket.gethostname() if args.local else args.instance)
+        return status.status(settings, args.json)
 
     from poller import daemon
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import threading
+from collections.abc import Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -11,7 +15,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 from pymongo.errors import PyMongoError
 
-from poller import __version__
+from poller import __version__, log
 from poller.settings import Settings
 from poller.store import Store
 from poller.tick import TickCounts, tick
@@ -27,6 +31,8 @@ class Poller:
         self.waha = WahaClient(
             settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds
         )
+        self.started_at = datetime.now(UTC)
+        self.last_tick: tuple[datetime, TickCounts] | None = None
 
     def start(self) -> None:
         """Reach MongoDB and create the indexes; raises PyMongoError when MongoDB is unusable."""
@@ -41,8 +47,27 @@ class Poller:
 
     def tick(self, stop: threading.Event | None = None) -> TickCounts:
         counts = tick(self.store, self.waha, self.settings.batch_size, stop=stop)
+        self.last_tick = (datetime.now(UTC), counts)
         logger.info("tick: {}", counts.summary())
         return counts
+
+    def heartbeat(self) -> None:
+        """Tell the web app, `poller check` and `poller status` that this process is alive."""
+        last_at, last_counts = self.last_tick or (None, None)
+        self.store.beat(
+            {
+                "instance": self.settings.instance_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "version": __version__,
+                "startedAt": self.started_at,
+                "lastSeenAt": datetime.now(UTC),
+                "lastTickAt": last_at,
+                "lastTick": asdict(last_counts) if last_counts else None,
+                # None when WAHA could not be asked: the web app shows "unknown", not "down".
+                "wahaSessions": self.waha.sessions(),
+            }
+        )
 
     def close(self) -> None:
         self.waha.close()
@@ -65,6 +90,22 @@ def once(settings: Settings) -> int:
     return 1 if counts.key_rejected else 0
 
 
+def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
+    """One tick from Python, for serverless handlers: settings from `env` or os.environ.
+
+    Returns the tick's counts. Raises ConfigError for bad settings and PyMongoError when
+    MongoDB is unreachable, so that the platform reports a failed invocation.
+    """
+    settings = Settings.from_env(env)
+    log.setup(settings.log_level, settings.log_json, settings.secrets)
+    poller = Poller(settings)
+    try:
+        poller.start()
+        return asdict(poller.tick())
+    finally:
+        poller.close()
+
+
 def run(settings: Settings) -> int:
     """Tick every POLL_INTERVAL_SECONDS until SIGTERM/SIGINT; 0 after a clean stop."""
     stop = _stop_on_signals()
@@ -82,6 +123,12 @@ def run(settings: Settings) -> int:
         except Exception:
             logger.exception("tick failed unexpectedly; the next tick will try again")
 
+    def safe_heartbeat() -> None:
+        try:
+            poller.heartbeat()
+        except PyMongoError as exc:
+            logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
+
     scheduler = BackgroundScheduler(timezone=UTC)
     scheduler.add_job(
         safe_tick,
@@ -92,11 +139,24 @@ def run(settings: Settings) -> int:
         coalesce=True,  # after a long tick, run once, not once per missed interval
         misfire_grace_time=None,
     )
+    scheduler.add_job(
+        safe_heartbeat,
+        "interval",
+        seconds=settings.heartbeat_seconds,
+        next_run_time=datetime.now(UTC),
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
     scheduler.start()
     logger.info("running: a tick every {:g} s", settings.poll_interval_seconds)
     while not stop.wait(1.0):
         pass
     scheduler.shutdown(wait=True)  # waits for the tick in progress
+    try:
+        poller.store.remove_beat()  # the web app sees "stopped" at once, not after the TTL
+    except PyMongoError as exc:
+        logger.warning("heartbeat not removed: {}", exc)
     poller.close()
     logger.info("stopped")
     return 0

@@ -42,6 +42,9 @@ class Settings:
     messages_collection: str = "scheduledmessages"
     campaigns_collection: str = "campaigns"
     sessions_collection: str = "whatsappsessions"
+    heartbeats_collection: str = "pollerheartbeats"
+    # How often `poller run` writes its heartbeat; three missed beats and it counts as down.
+    heartbeat_seconds: float = 10.0
     instance_id: str = ""
     log_json: bool = False
     log_level: str = "INFO"
@@ -77,6 +80,8 @@ class Settings:
             messages_collection=_name(env, "MESSAGES_COLLECTION", cls.messages_collection),
             campaigns_collection=_name(env, "CAMPAIGNS_COLLECTION", cls.campaigns_collection),
             sessions_collection=_name(env, "SESSIONS_COLLECTION", cls.sessions_collection),
+            heartbeats_collection=_name(env, "HEARTBEATS_COLLECTION", cls.heartbeats_collection),
+            heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             instance_id=env.get("POLLER_INSTANCE_ID", "").strip() or default_instance_id(),
             log_json=_flag(env, "LOG_JSON"),
             log_level=_choice(

@@ -40,6 +40,7 @@ NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
+HEARTBEAT_TTL_SECONDS = 30
 
 UNKNOWN_REASON = (
     "The poller stopped while this message was being sent, so it may or may not have been "
@@ -62,6 +63,9 @@ class Store:
         self.messages: Collection[Doc] = self.db[settings.messages_collection]
         self.campaigns: Collection[Doc] = self.db[settings.campaigns_collection]
         self.sessions: Collection[Doc] = self.db[settings.sessions_collection]
+        self.heartbeats: Collection[Doc] = self.db[settings.heartbeats_collection]
+        # A heartbeat older than three beats is a dead poller's.
+        self.heartbeat_max_age = timedelta(seconds=3 * settings.heartbeat_seconds)
         # Unique per process, so that replicas sharing POLLER_INSTANCE_ID never share claims.
         self.owner = f"{settings.instance_id}/{secrets.token_hex(4)}"
         self.lookback = timedelta(seconds=settings.lookback_seconds)
@@ -96,6 +100,29 @@ class Store:
             except OperationFailure as exc:
                 if exc.code not in (85, 86):  # the same keys exist under another name or options
                     raise
+        # MongoDB deletes a heartbeat 30 s after its last beat (its TTL monitor runs every 60 s).
+        try:
+            self.heartbeats.create_index(
+                "lastSeenAt", name="poller_heartbeat_ttl", expireAfterSeconds=HEARTBEAT_TTL_SECONDS
+            )
+        except OperationFailure as exc:
+            if exc.code not in (85, 86):
+                raise
+
+    # -- heartbeats -----------------------------------------------------------------------------
+
+    def beat(self, fields: Doc) -> None:
+        self.heartbeats.replace_one({"_id": self.owner}, {"_id": self.owner, **fields}, upsert=True)
+
+    def remove_beat(self) -> None:
+        self.heartbeats.delete_one({"_id": self.owner})
+
+    def live_heartbeats(self, now: datetime, instance: str | None = None) -> list[Doc]:
+        """Heartbeats of pollers alive now, newest first; `instance` matches an id or the host."""
+        query: Doc = {"lastSeenAt": {"$gte": now - self.heartbeat_max_age}}
+        if instance:
+            query["$or"] = [{"_id": instance}, {"instance": instance}, {"host": instance}]
+        return list(self.heartbeats.find(query).sort("lastSeenAt", -1))
 
     # -- finding work -------------------------------------------------------------------------
 
@@ -302,6 +329,42 @@ class Store:
         found = self.sessions.find_one({"_id": {"$in": id_variants(session_id)}}, {"name": 1})
         name = found.get("name") if found else None
         return name.strip() if isinstance(name, str) and name.strip() else None
+
+    # -- what an operator sees ------------------------------------------------------------------
+
+    def overview(self, now: datetime) -> Doc:
+        """Live pollers, the message backlog, the last 24 hours' outcomes, running campaigns."""
+        since = now - timedelta(hours=24)
+        later = {"isPicked": {"$ne": True}, "scheduledAt": {"$gt": now}, **NOT_DONE}
+        last_day = {
+            row["_id"]: row["n"]
+            for row in self.messages.aggregate(
+                [
+                    {
+                        "$match": {
+                            "$or": [{"sentAt": {"$gte": since}}, {"finishedAt": {"$gte": since}}]
+                        }
+                    },
+                    {"$group": {"_id": "$status", "n": {"$sum": 1}}},
+                ]
+            )
+        }
+        running = self.campaigns.find(
+            {"status": {"$nin": list(CAMPAIGN_DONE)}, "stats": {"$exists": True}},
+            {"name": 1, "status": 1, "stats": 1},
+        ).limit(50)
+        return {
+            "instances": self.live_heartbeats(now),
+            "messages": {
+                "dueNow": self.messages.count_documents(self.claimable(now), hint=CLAIM_INDEX),
+                "inProgress": self.messages.count_documents(
+                    {"status": {"$in": [CLAIMED, SENDING]}}
+                ),
+                "scheduledLater": self.messages.count_documents(later, hint=CLAIM_INDEX),
+            },
+            "last24h": {status: last_day.get(status, 0) for status in FINAL},
+            "campaigns": list(running),
+        }
 
     # -- campaigns ------------------------------------------------------------------------------
 

@@ -60,6 +60,21 @@ class WahaClient:
             return Outcome(Verdict.RETRY, f"the connection to WAHA broke ({_kind(exc)})")
         return classify(response.status_code, _json(response), session)
 
+    def sessions(self) -> list[dict[str, str]] | None:
+        """Every session's name and status (`GET /api/sessions?all=true`); None when WAHA fails."""
+        try:
+            response = self._http.get("/api/sessions", params={"all": "true"}, timeout=5.0)
+        except httpx.HTTPError:
+            return None
+        body = _json(response)
+        if response.status_code != 200 or not isinstance(body, list):
+            return None
+        return [
+            {"name": str(s.get("name")), "status": str(s.get("status"))}
+            for s in body
+            if isinstance(s, dict)
+        ]
+
 
 def classify(code: int, body: Any, session: str) -> Outcome:
     """Sort one sendText response into sent, retry later, failed for good, or a rejected key."""

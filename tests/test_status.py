@@ -1,0 +1,184 @@
+"""The status bridge: heartbeats, `poller check`, `poller status`, `run_once`, concurrent `once`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from support import message, seconds, utcnow
+
+import poller
+from poller import status
+from poller.daemon import Poller
+from poller.settings import Settings
+from poller.store import HEARTBEAT_TTL_SECONDS, Store
+from poller.testing.waha import WahaSimulator
+
+POLLER = [sys.executable, "-m", "poller"]
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
+    env.update(
+        MONGODB_URI=settings.mongodb_uri,
+        MONGODB_DB=settings.mongodb_db,
+        WAHA_URL=settings.waha_url,
+        WAHA_API_KEY=settings.waha_api_key,
+        **extra,
+    )
+    return env
+
+
+def test_heartbeat_document(settings: Settings, waha: WahaSimulator) -> None:
+    waha.sessions.update({"sales": "SCAN_QR_CODE"})
+    instance = Poller(settings)
+    instance.start()
+    instance.tick()
+    instance.heartbeat()
+    beat = instance.store.heartbeats.find_one({"_id": instance.store.owner})
+    index = instance.store.heartbeats.index_information()["poller_heartbeat_ttl"]
+    instance.close()
+    assert beat is not None
+    assert beat["instance"] == settings.instance_id and beat["pid"] == os.getpid()
+    assert beat["version"] == poller.__version__ and beat["host"]
+    assert beat["startedAt"] <= beat["lastTickAt"] <= beat["lastSeenAt"]
+    assert beat["lastTick"]["claimed"] == 0
+    assert beat["wahaSessions"] == [
+        {"name": "default", "status": "WORKING"},
+        {"name": "sales", "status": "SCAN_QR_CODE"},
+    ]
+    assert index["expireAfterSeconds"] == HEARTBEAT_TTL_SECONDS <= 60
+
+
+def test_heartbeat_when_waha_is_down(make_settings: Callable[..., Settings]) -> None:
+    instance = Poller(make_settings(waha_url="http://127.0.0.1:1"))
+    instance.start()
+    instance.heartbeat()
+    beat = instance.store.heartbeats.find_one({"_id": instance.store.owner})
+    instance.close()
+    assert beat is not None and beat["wahaSessions"] is None
+
+
+def test_check(settings: Settings, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
+    assert status.check(settings) == 1
+    assert "no heartbeat from a poller in the last 30 s" in capsys.readouterr().out
+
+    now = utcnow()
+    store.heartbeats.insert_one(
+        {"_id": "vps-1/ab", "instance": "vps-1", "host": "vps", "lastSeenAt": now}
+    )
+    store.heartbeats.insert_one(
+        {"_id": "old/cd", "instance": "old", "host": "gone", "lastSeenAt": now - seconds(31)}
+    )
+    assert status.check(settings) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 live, vps-1/ab on vps seen")
+    assert status.check(settings, "vps-1") == 0
+    assert status.check(settings, "vps") == 0  # by host, as `--local` asks
+    capsys.readouterr()
+    assert status.check(settings, "old") == 1
+    assert "no heartbeat from poller 'old'" in capsys.readouterr().out
+
+
+def test_check_without_mongodb(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(mongodb_uri="mongodb://127.0.0.1:1/x", mongodb_timeout_seconds=0.5)
+    assert status.check(settings) == 1
+
+
+def test_status(
+    settings: Settings, store: Store, waha: WahaSimulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = utcnow()
+    campaign = store.campaigns.insert_one({"name": "Black Friday", "status": "running"}).inserted_id
+    store.messages.insert_many(
+        [
+            message(now - seconds(1), campaignId=campaign, chat_id="447700900001"),
+            message(now - seconds(1), campaignId=campaign, chat_id="bad"),
+            message(now + timedelta(hours=1), campaignId=campaign, chat_id="447700900003"),
+            message(now - seconds(600), chat_id="447700900004"),
+        ]
+    )
+    instance = Poller(settings)
+    instance.start()
+    instance.tick()
+    store.messages.insert_one(message(utcnow() - seconds(1), chat_id="447700900005"))
+    instance.heartbeat()
+    instance.close()
+
+    assert status.status(settings, as_json=True) == 0
+    overview = json.loads(capsys.readouterr().out)
+    assert overview["messages"] == {"dueNow": 1, "inProgress": 0, "scheduledLater": 1}
+    assert overview["last24h"] == {"sent": 1, "failed": 1, "expired": 1, "unknown": 0}
+    [running] = overview["campaigns"]
+    assert running["name"] == "Black Friday" and running["stats"]["total"] == 3
+    assert [i["instance"] for i in overview["instances"]] == [settings.instance_id]
+
+    assert status.status(settings) == 0
+    text = capsys.readouterr().out
+    assert "Pollers (live)" in text and "WORKING" in text
+    assert "Black Friday" in text and "67%" in text
+
+
+def test_run_once_from_python(settings: Settings, store: Store, waha: WahaSimulator) -> None:
+    store.messages.insert_one(message(utcnow()))
+    counts = poller.run_once(env_for(settings))
+    assert counts["sent"] == 1 and counts["claimed"] == 1 and counts["key_rejected"] is False
+    assert len(waha.sent) == 1
+
+
+def test_two_once_at_the_same_moment_send_each_message_once(
+    settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
+) -> None:
+    now = utcnow()
+    chats = [f"44770091{n:04d}@c.us" for n in range(40)]
+    store.messages.insert_many([message(now, chat_id=c) for c in chats])
+    env = env_for(settings, BATCH_SIZE="5")
+    runs = [
+        subprocess.Popen(
+            POLLER + ["once"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [(p.communicate(timeout=120)[1], p.returncode) for p in runs]
+    assert [code for _, code in results] == [0, 0], results
+    assert sorted(m.chat_id for m in waha.sent) == sorted(chats)
+
+
+def test_run_writes_a_heartbeat_and_removes_it_on_stop(
+    settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
+) -> None:
+    env = env_for(settings, HEARTBEAT_SECONDS="0.5", POLLER_INSTANCE_ID="vps-7")
+    process = subprocess.Popen(
+        POLLER + ["run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while store.heartbeats.count_documents({"instance": "vps-7"}) == 0:
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.1)
+        alive = subprocess.run(
+            POLLER + ["check", "--instance", "vps-7"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        local = subprocess.run(
+            POLLER + ["check", "--local"], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert alive.returncode == 0 and alive.stdout.startswith("ok: 1 live, vps-7/")
+    assert local.returncode == 0
+    assert store.heartbeats.count_documents({}) == 0, "removed on a clean stop"
+    gone = subprocess.run(POLLER + ["check"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert gone.returncode == 1 and "no heartbeat" in gone.stdout
