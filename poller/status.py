@@ -108,6 +108,8 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
             str(total),
             f"{100 * done / total:.0f}%" if total else "-",
         )
+    if not overview["campaigns"]:
+        campaigns.add_row("none", "", "", "", "", "", "")
     console.print(campaigns)
 
 
