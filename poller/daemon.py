@@ -6,8 +6,8 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import asdict
 from datetime import UTC, datetime
 from types import FrameType
 
@@ -16,6 +16,7 @@ from loguru import logger
 from pymongo.errors import PyMongoError
 
 from poller import __version__, log
+from poller.metrics import Metrics
 from poller.settings import Settings
 from poller.store import Store
 from poller.tick import TickCounts, tick
@@ -33,6 +34,8 @@ class Poller:
         )
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
+        self.last_beat: datetime | None = None
+        self.metrics = Metrics() if settings.health_port else None
 
     def start(self) -> None:
         """Reach MongoDB and create the indexes; raises PyMongoError when MongoDB is unusable."""
@@ -46,14 +49,20 @@ class Poller:
         )
 
     def tick(self, stop: threading.Event | None = None) -> TickCounts:
+        began = time.monotonic()
         counts = tick(self.store, self.waha, self.settings.batch_size, stop=stop)
         self.last_tick = (datetime.now(UTC), counts)
+        if self.metrics:
+            self.metrics.record(
+                counts, time.monotonic() - began, self.store.count_due(now=self.last_tick[0])
+            )
         logger.info("tick: {}", counts.summary())
         return counts
 
     def heartbeat(self) -> None:
         """Tell the web app, `poller check` and `poller status` that this process is alive."""
         last_at, last_counts = self.last_tick or (None, None)
+        now = datetime.now(UTC)
         self.store.beat(
             {
                 "instance": self.settings.instance_id,
@@ -61,13 +70,19 @@ class Poller:
                 "pid": os.getpid(),
                 "version": __version__,
                 "startedAt": self.started_at,
-                "lastSeenAt": datetime.now(UTC),
+                "lastSeenAt": now,
                 "lastTickAt": last_at,
-                "lastTick": asdict(last_counts) if last_counts else None,
+                "lastTick": last_counts.totals() if last_counts else None,
                 # None when WAHA could not be asked: the web app shows "unknown", not "down".
                 "wahaSessions": self.waha.sessions(),
             }
         )
+        self.last_beat = now
+
+    def healthy(self) -> bool:
+        """Alive as `poller check` sees it: a heartbeat written within the last three beats."""
+        limit = self.store.heartbeat_max_age
+        return self.last_beat is not None and datetime.now(UTC) - self.last_beat <= limit
 
     def close(self) -> None:
         self.waha.close()
@@ -101,7 +116,7 @@ def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
     poller = Poller(settings)
     try:
         poller.start()
-        return asdict(poller.tick())
+        return poller.tick().totals()
     finally:
         poller.close()
 
@@ -112,6 +127,18 @@ def run(settings: Settings) -> int:
     poller = _open(settings, "crashed: MongoDB is unavailable at start-up")
     if poller is None:
         return 1
+    server = None
+    if poller.metrics and settings.health_port:
+        address = f"{settings.health_host}:{settings.health_port}"
+        try:
+            server = poller.metrics.serve(
+                settings.health_host, settings.health_port, poller.healthy
+            )
+        except OSError as exc:
+            logger.error("crashed: cannot serve metrics on {}: {}", address, exc)
+            poller.close()
+            return 1
+        logger.info("metrics on http://{}/metrics", address)
 
     def safe_tick() -> None:
         if stop.is_set():
@@ -130,29 +157,27 @@ def run(settings: Settings) -> int:
             logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
 
     scheduler = BackgroundScheduler(timezone=UTC)
-    scheduler.add_job(
-        safe_tick,
-        "interval",
-        seconds=settings.poll_interval_seconds,
-        next_run_time=datetime.now(UTC),
-        max_instances=1,  # never two ticks at once
-        coalesce=True,  # after a long tick, run once, not once per missed interval
-        misfire_grace_time=None,
-    )
-    scheduler.add_job(
-        safe_heartbeat,
-        "interval",
-        seconds=settings.heartbeat_seconds,
-        next_run_time=datetime.now(UTC),
-        max_instances=1,
-        coalesce=True,
-        misfire_grace_time=None,
-    )
+    for job, seconds in (
+        (safe_tick, settings.poll_interval_seconds),
+        (safe_heartbeat, settings.heartbeat_seconds),
+    ):
+        scheduler.add_job(
+            job,
+            "interval",
+            seconds=seconds,
+            next_run_time=datetime.now(UTC),
+            max_instances=1,  # never two ticks (or two heartbeats) at once
+            coalesce=True,  # after a long tick, run once, not once per missed interval
+            misfire_grace_time=None,
+        )
     scheduler.start()
     logger.info("running: a tick every {:g} s", settings.poll_interval_seconds)
+
     while not stop.wait(1.0):
         pass
     scheduler.shutdown(wait=True)  # waits for the tick in progress
+    if server is not None:
+        server.shutdown()
     try:
         poller.store.remove_beat()  # the web app sees "stopped" at once, not after the TTL
     except PyMongoError as exc:

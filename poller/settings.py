@@ -46,6 +46,10 @@ class Settings:
     # How often `poller run` writes its heartbeat; three missed beats and it counts as down.
     heartbeat_seconds: float = 10.0
     instance_id: str = ""
+    # Metrics are off unless a port is set: /metrics (Prometheus) and /healthz on it.
+    health_port: int | None = None
+    # Loopback by default; 0.0.0.0 to be scraped from another host or container.
+    health_host: str = "127.0.0.1"
     log_json: bool = False
     log_level: str = "INFO"
 
@@ -83,6 +87,8 @@ class Settings:
             heartbeats_collection=_name(env, "HEARTBEATS_COLLECTION", cls.heartbeats_collection),
             heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             instance_id=env.get("POLLER_INSTANCE_ID", "").strip() or default_instance_id(),
+            health_port=_port(env, "HEALTH_PORT"),
+            health_host=env.get("HEALTH_HOST", "").strip() or cls.health_host,
             log_json=_flag(env, "LOG_JSON"),
             log_level=_choice(
                 env, "LOG_LEVEL", cls.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}
@@ -130,6 +136,15 @@ def _number(env: Mapping[str, str], name: str, default: float, whole: bool = Fal
     if not value > 0 or value != value or value == float("inf"):
         raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
     return value
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
+    return int(raw)
 
 
 def _http_url(env: Mapping[str, str], name: str, default: str) -> str:

@@ -332,6 +332,9 @@ class Store:
 
     # -- what an operator sees ------------------------------------------------------------------
 
+    def count_due(self, now: datetime) -> int:
+        return self.messages.count_documents(self.claimable(now), hint=CLAIM_INDEX)
+
     def overview(self, now: datetime) -> Doc:
         """Live pollers, the message backlog, the last 24 hours' outcomes, running campaigns."""
         since = now - timedelta(hours=24)
@@ -356,7 +359,7 @@ class Store:
         return {
             "instances": self.live_heartbeats(now),
             "messages": {
-                "dueNow": self.messages.count_documents(self.claimable(now), hint=CLAIM_INDEX),
+                "dueNow": self.count_due(now),
                 "inProgress": self.messages.count_documents(
                     {"status": {"$in": [CLAIMED, SENDING]}}
                 ),

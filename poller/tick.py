@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +33,12 @@ class TickCounts:
     unknown: int = 0
     released: int = 0
     key_rejected: bool = False
+    # sentAt - scheduledAt of each message sent, in seconds (for the lateness metric).
+    lateness: list[float] = field(default_factory=list)
+
+    def totals(self) -> dict[str, int | bool]:
+        """The counts alone, as written to the heartbeat and returned by run_once()."""
+        return {k: v for k, v in asdict(self).items() if k != "lateness"}
 
     def summary(self) -> str:
         return (
@@ -151,6 +157,9 @@ def _record(
                 "message {} was sent, but its document had changed: not recorded", message_id
             )
         counts.sent += 1
+        scheduled = doc.get("scheduledAt")
+        if isinstance(scheduled, datetime):
+            counts.lateness.append((now - scheduled).total_seconds())
         logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
     elif outcome.verdict is Verdict.FAILED:
         store.mark_failed(message_id, outcome.reason, now)

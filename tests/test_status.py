@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from support import message, seconds, utcnow
 
@@ -182,3 +185,61 @@ def test_run_writes_a_heartbeat_and_removes_it_on_stop(
     assert store.heartbeats.count_documents({}) == 0, "removed on a clean stop"
     gone = subprocess.run(POLLER + ["check"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert gone.returncode == 1 and "no heartbeat" in gone.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_metrics_and_healthz(
+    settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
+) -> None:
+    port = free_port()
+    env = env_for(settings, HEALTH_PORT=str(port), POLL_INTERVAL_SECONDS="0.5")
+    store.messages.insert_one(message(utcnow() - seconds(2)))
+    store.messages.insert_one(message(utcnow(), chat_id="bad"))
+    process = subprocess.Popen(
+        POLLER + ["run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while 'poller_messages_total{outcome="sent"} 1.0' not in text:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            except httpx.ConnectError:
+                continue
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert 'poller_messages_total{outcome="failed"} 1.0' in text
+    assert 'poller_messages_total{outcome="expired"} 0.0' in text
+    assert "poller_tick_seconds_count" in text
+    assert "poller_messages_due 0.0" in text
+    lateness = re.search(r"poller_send_lateness_seconds_sum (\S+)", text)
+    assert lateness and 2.0 <= float(lateness.group(1)) < 30
+    assert "poller_send_lateness_seconds_count 1.0" in text
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+def test_metrics_port_in_use_is_a_clear_crash(settings: Settings, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            POLLER + ["run"],
+            env=env_for(settings, HEALTH_PORT=str(port)),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"crashed: cannot serve metrics on 127.0.0.1:{port}" in result.stderr

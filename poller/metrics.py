@@ -1,0 +1,72 @@
+"""Optional metrics (HEALTH_PORT): /metrics in Prometheus text format and /healthz."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from poller.tick import TickCounts
+
+OUTCOMES = ("sent", "retried", "failed", "expired", "unknown")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter(
+            "poller_messages",
+            "Messages by outcome: sent, retried, failed, expired, unknown.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.messages.labels(outcome)  # every series exists from the start, at 0
+        self.tick_seconds = Histogram(
+            "poller_tick_seconds", "How long one tick took.", registry=self.registry
+        )
+        self.due = Gauge(
+            "poller_messages_due",
+            "Messages due and not yet sent, at the end of the last tick.",
+            registry=self.registry,
+        )
+        self.lateness = Histogram(
+            "poller_send_lateness_seconds",
+            "sentAt - scheduledAt of each message sent.",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+
+    def record(self, counts: TickCounts, seconds: float, due: int) -> None:
+        for outcome in OUTCOMES:
+            self.messages.labels(outcome).inc(getattr(counts, outcome))
+        self.tick_seconds.observe(seconds)
+        self.due.set(due)
+        for late in counts.lateness:
+            self.lateness.observe(late)
+
+    def serve(self, host: str, port: int, healthy: Callable[[], bool]) -> WSGIServer:
+        """Serve /metrics and /healthz from a daemon thread; `shutdown()` the result to stop."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/healthz":
+                ok = healthy()
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable",
+                    [("Content-Type", "application/json")],
+                )
+                return [b'{"status":"ok"}' if ok else b'{"status":"down"}']
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+        server = make_server(host, port, app, handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
