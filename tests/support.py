@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from poller.settings import Settings
+
+# The poller command, as the tests start it.
+POLLER = [sys.executable, "-m", "poller"]
 
 
 def utcnow() -> datetime:
@@ -36,3 +43,18 @@ def message(
 
 def seconds(n: float) -> timedelta:
     return timedelta(seconds=n)
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """This process's environment with the poller settings of `settings` (and `extra`) only."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
+    env.update(
+        MONGODB_URI=settings.mongodb_uri,
+        MONGODB_DB=settings.mongodb_db,
+        WAHA_URL=settings.waha_url,
+        WAHA_API_KEY=settings.waha_api_key,
+        MONGODB_TIMEOUT_SECONDS="2",
+        WAHA_TIMEOUT_SECONDS="10",
+    )
+    env.update(extra)
+    return env

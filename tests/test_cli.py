@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,27 +13,11 @@ from typing import Any
 
 import pytest
 from pymongo import MongoClient
-from support import message, seconds, utcnow
+from support import POLLER, environment, message, seconds, utcnow
 
 from poller.settings import Settings
 from poller.store import Store
 from poller.testing.waha import Request, WahaSimulator
-
-POLLER = [sys.executable, "-m", "poller"]
-
-
-def environment(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
-    env.update(
-        MONGODB_URI=settings.mongodb_uri,
-        MONGODB_DB=settings.mongodb_db,
-        WAHA_URL=settings.waha_url,
-        WAHA_API_KEY=settings.waha_api_key,
-        MONGODB_TIMEOUT_SECONDS="2",
-        WAHA_TIMEOUT_SECONDS="10",
-    )
-    env.update(extra)
-    return env
 
 
 def sends(waha: WahaSimulator) -> list[Request]:

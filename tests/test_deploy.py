@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import message, utcnow
+from support import environment, message, utcnow
 
 from poller.settings import Settings
 from poller.store import Store
@@ -21,18 +21,6 @@ from poller.testing.waha import WahaSimulator
 
 ROOT = Path(__file__).resolve().parents[1]
 POLLER_BIN = Path(sys.executable).parent / "poller"
-
-
-def clean_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
-    env.update(
-        MONGODB_URI=settings.mongodb_uri,
-        MONGODB_DB=settings.mongodb_db,
-        WAHA_URL=settings.waha_url,
-        WAHA_API_KEY=settings.waha_api_key,
-        **extra,
-    )
-    return env
 
 
 # -- systemd --------------------------------------------------------------------------------------
@@ -154,7 +142,7 @@ def test_pm2_runs_and_stops_poller_gracefully(
     pm2: Path, settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
     home = tmp_path / "pm2-home"
-    env = clean_env(settings, PM2_HOME=str(home), POLLER_BIN=str(POLLER_BIN))
+    env = environment(settings, PM2_HOME=str(home), POLLER_BIN=str(POLLER_BIN))
     store.messages.insert_one(message(utcnow()))
 
     def pm2_cmd(*args: str) -> subprocess.CompletedProcess[str]:

@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import message, seconds, utcnow
+from support import POLLER, environment, message, seconds, utcnow
 
 import poller
 from poller import status
@@ -24,20 +23,6 @@ from poller.daemon import Poller
 from poller.settings import Settings
 from poller.store import HEARTBEAT_TTL_SECONDS, Store
 from poller.testing.waha import WahaSimulator
-
-POLLER = [sys.executable, "-m", "poller"]
-
-
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
-    env.update(
-        MONGODB_URI=settings.mongodb_uri,
-        MONGODB_DB=settings.mongodb_db,
-        WAHA_URL=settings.waha_url,
-        WAHA_API_KEY=settings.waha_api_key,
-        **extra,
-    )
-    return env
 
 
 def test_heartbeat_document(settings: Settings, waha: WahaSimulator) -> None:
@@ -131,7 +116,7 @@ def test_status(
 
 def test_run_once_from_python(settings: Settings, store: Store, waha: WahaSimulator) -> None:
     store.messages.insert_one(message(utcnow()))
-    counts = poller.run_once(env_for(settings))
+    counts = poller.run_once(environment(settings))
     assert counts["sent"] == 1 and counts["claimed"] == 1 and counts["key_rejected"] is False
     assert len(waha.sent) == 1
 
@@ -142,7 +127,7 @@ def test_two_once_at_the_same_moment_send_each_message_once(
     now = utcnow()
     chats = [f"44770091{n:04d}@c.us" for n in range(40)]
     store.messages.insert_many([message(now, chat_id=c) for c in chats])
-    env = env_for(settings, BATCH_SIZE="5")
+    env = environment(settings, BATCH_SIZE="5")
     runs = [
         subprocess.Popen(
             POLLER + ["once"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
@@ -157,7 +142,7 @@ def test_two_once_at_the_same_moment_send_each_message_once(
 def test_run_writes_a_heartbeat_and_removes_it_on_stop(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
-    env = env_for(settings, HEARTBEAT_SECONDS="0.5", POLLER_INSTANCE_ID="vps-7")
+    env = environment(settings, HEARTBEAT_SECONDS="0.5", POLLER_INSTANCE_ID="vps-7")
     process = subprocess.Popen(
         POLLER + ["run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
     )
@@ -197,7 +182,7 @@ def test_metrics_and_healthz(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
     port = free_port()
-    env = env_for(settings, HEALTH_PORT=str(port), POLL_INTERVAL_SECONDS="0.5")
+    env = environment(settings, HEALTH_PORT=str(port), POLL_INTERVAL_SECONDS="0.5")
     store.messages.insert_one(message(utcnow() - seconds(2)))
     store.messages.insert_one(message(utcnow(), chat_id="bad"))
     process = subprocess.Popen(
@@ -235,7 +220,7 @@ def test_metrics_port_in_use_is_a_clear_crash(settings: Settings, tmp_path: Path
         port = taken.getsockname()[1]
         result = subprocess.run(
             POLLER + ["run"],
-            env=env_for(settings, HEALTH_PORT=str(port)),
+            env=environment(settings, HEALTH_PORT=str(port)),
             cwd=tmp_path,
             capture_output=True,
             text=True,
