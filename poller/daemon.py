@@ -73,7 +73,7 @@ class Poller:
                 "lastSeenAt": now,
                 "lastTickAt": last_at,
                 "lastTick": last_counts.totals() if last_counts else None,
-                # None when WAHA could not be asked: the web app shows "unknown", not "down".
+                # None when WAHA did not answer: nothing can be sent (README: "system down").
                 "wahaSessions": self.waha.sessions(),
             }
         )
