@@ -1,5 +1,5 @@
 # poller in a container: `docker build -t poller .`, then
-#   docker run -d --name poller --env-file poller.env --restart unless-stopped poller
+#   docker run -d --name poller --env-file poller.env --restart unless-stopped --stop-timeout 45 poller
 #   docker run --rm --env-file poller.env poller poller once      (one tick, e.g. from cron)
 # Slim Debian-based Python: pymongo and httpx need nothing compiled.
 FROM python:3.12-slim
@@ -19,8 +19,8 @@ RUN pip install --no-cache-dir . \
 # Never run as root: poller needs no privileges.
 USER 10001
 
-# `docker stop` sends this; poller finishes the message in flight. Give it time to:
-# `docker stop --time 45` (the default 10 s can cut a slow send short).
+# `docker stop` sends this; poller finishes the message in flight. Give it time to with
+# `docker run --stop-timeout 45` (the default 10 s can cut a slow send short).
 STOPSIGNAL SIGTERM
 
 # Healthy while the poller on this host (this container) writes its heartbeat to MongoDB.

@@ -17,6 +17,8 @@ module.exports = {
       instances: 1,
       exec_mode: "fork",
       autorestart: true,
+      // Exit 2 is a configuration error: restarting cannot fix it, so PM2 leaves it stopped.
+      stop_exit_codes: [2],
       // Restart after a crash with a growing delay (100 ms doubling, up to 15 s), so a MongoDB
       // outage at start-up is not a tight restart loop.
       exp_backoff_restart_delay: 100,

@@ -62,9 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         log.setup()
         return demo()
 
-    load_dotenv(find_dotenv(usecwd=True))  # the working directory's .env; the environment wins
     try:
+        load_dotenv(find_dotenv(usecwd=True))  # the working directory's .env; environment wins
         settings = Settings.from_env()
+    except OSError as exc:  # e.g. a .env this user may not read
+        print(f"poller: configuration error: cannot read .env: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
     except ConfigError as exc:
         print(f"poller: configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return 2

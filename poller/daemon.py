@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -34,8 +34,9 @@ class Poller:
         )
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
+        self.tick_started: datetime | None = None
         self.last_beat: datetime | None = None
-        self.metrics = Metrics() if settings.health_port else None
+        self.metrics: Metrics | None = None  # run() sets it when HEALTH_PORT is set
 
     def start(self) -> None:
         """Reach MongoDB and create the indexes; raises PyMongoError when MongoDB is unusable."""
@@ -50,13 +51,19 @@ class Poller:
 
     def tick(self, stop: threading.Event | None = None) -> TickCounts:
         began = time.monotonic()
-        counts = tick(self.store, self.waha, self.settings.batch_size, stop=stop)
+        self.tick_started = datetime.now(UTC)
+        try:
+            counts = tick(self.store, self.waha, self.settings.batch_size, stop=stop)
+        finally:
+            self.tick_started = None
         self.last_tick = (datetime.now(UTC), counts)
-        if self.metrics:
-            self.metrics.record(
-                counts, time.monotonic() - began, self.store.count_due(now=self.last_tick[0])
-            )
         logger.info("tick: {}", counts.summary())
+        if self.metrics:
+            try:
+                due = self.store.count_due(self.last_tick[0])
+            except PyMongoError:
+                due = -1  # the tick itself went through; only the backlog count is missing
+            self.metrics.record(counts, time.monotonic() - began, due)
         return counts
 
     def heartbeat(self) -> None:
@@ -65,24 +72,38 @@ class Poller:
         now = datetime.now(UTC)
         self.store.beat(
             {
+                # False when ticks stopped completing: `poller check` then reports it down.
+                "ticking": self.ticking(now),
                 "instance": self.settings.instance_id,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "version": __version__,
                 "startedAt": self.started_at,
-                "lastSeenAt": now,
                 "lastTickAt": last_at,
                 "lastTick": last_counts.totals() if last_counts else None,
                 # None when WAHA did not answer: nothing can be sent (README: "system down").
                 "wahaSessions": self.waha.sessions(),
-            }
+                "tickRunningSince": self.tick_started,
+            },
+            now,
         )
         self.last_beat = now
 
+    def ticking(self, now: datetime) -> bool:
+        """A tick is running, or one completed recently (two intervals and a minute of slack)."""
+        if self.tick_started is not None:
+            return True
+        last = self.last_tick[0] if self.last_tick else self.started_at
+        slack = timedelta(seconds=2 * self.settings.poll_interval_seconds + 60)
+        return now - last <= slack
+
     def healthy(self) -> bool:
-        """Alive as `poller check` sees it: a heartbeat written within the last three beats."""
-        limit = self.store.heartbeat_max_age
-        return self.last_beat is not None and datetime.now(UTC) - self.last_beat <= limit
+        """What /healthz answers: heartbeats are being written and ticks are completing."""
+        now = datetime.now(UTC)
+        beating = (
+            self.last_beat is not None and now - self.last_beat <= self.store.heartbeat_max_age
+        )
+        return beating and self.ticking(now)
 
     def close(self) -> None:
         self.waha.close()
@@ -108,17 +129,26 @@ def once(settings: Settings) -> int:
 def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
     """One tick from Python, for serverless handlers: settings from `env` or os.environ.
 
-    Returns the tick's counts. Raises ConfigError for bad settings and PyMongoError when
-    MongoDB is unreachable, so that the platform reports a failed invocation.
+    Returns the tick's counts. Raises ConfigError for bad settings, PyMongoError when MongoDB
+    is unreachable and PermissionError when WAHA refuses the key, so that the platform records
+    a failed invocation.
     """
     settings = Settings.from_env(env)
-    log.setup(settings.log_level, settings.log_json, settings.secrets)
+    if not _logging_set_up.is_set():  # once per process: a warm serverless instance calls again
+        log.setup(settings.log_level, settings.log_json, settings.secrets)
+        _logging_set_up.set()
     poller = Poller(settings)
     try:
         poller.start()
-        return poller.tick().totals()
+        counts = poller.tick()
     finally:
         poller.close()
+    if counts.key_rejected:
+        raise PermissionError("WAHA rejected the API key (check WAHA_API_KEY)")
+    return counts.totals()
+
+
+_logging_set_up = threading.Event()
 
 
 def run(settings: Settings) -> int:
@@ -128,7 +158,8 @@ def run(settings: Settings) -> int:
     if poller is None:
         return 1
     server = None
-    if poller.metrics and settings.health_port:
+    if settings.health_port:
+        poller.metrics = Metrics()
         address = f"{settings.health_host}:{settings.health_port}"
         try:
             server = poller.metrics.serve(
@@ -178,6 +209,7 @@ def run(settings: Settings) -> int:
     scheduler.shutdown(wait=True)  # waits for the tick in progress
     if server is not None:
         server.shutdown()
+        server.server_close()
     try:
         poller.store.remove_beat()  # the web app sees "stopped" at once, not after the TTL
     except PyMongoError as exc:

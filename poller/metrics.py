@@ -8,6 +8,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from poller.tick import TickCounts
 
@@ -30,7 +31,7 @@ class Metrics:
         )
         self.due = Gauge(
             "poller_messages_due",
-            "Messages due and not yet sent, at the end of the last tick.",
+            "Messages due and not yet sent, at the end of the last tick (-1: not counted).",
             registry=self.registry,
         )
         self.lateness = Histogram(
@@ -62,7 +63,8 @@ class Metrics:
                 return [b'{"status":"ok"}' if ok else b'{"status":"down"}']
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        server = make_server(host, port, app, handler_class=_Quiet)
+        # One thread per request: a slow scraper does not hold up /healthz.
+        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
 

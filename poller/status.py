@@ -17,21 +17,25 @@ from poller.store import Store
 
 def check(settings: Settings, instance: str | None = None) -> int:
     """0 when a live heartbeat exists (of `instance`, when given), else 1; one line says why."""
-    store = Store.connect(settings)
     now = datetime.now(UTC)
     try:
-        live = store.live_heartbeats(now, instance)
+        store = Store.connect(settings)  # a mongodb+srv:// name is resolved here
+        try:
+            live = store.live_heartbeats(now, instance)
+        finally:
+            store.close()
     except PyMongoError as exc:
-        _line(f"poller check: MongoDB is unavailable: {exc}")
+        _line(f"poller check: MongoDB is unavailable: {_one_line(exc)}")
         return 1
-    finally:
-        store.close()
     who = f"poller '{instance}'" if instance else "a poller"
     if not live:
-        age = int(store.heartbeat_max_age.total_seconds())
-        _line(f"poller check: no heartbeat from {who} in the last {age} s")
+        _line(f"poller check: no live heartbeat from {who}")
         return 1
-    newest = live[0]
+    stuck = [beat for beat in live if beat.get("ticking") is False]
+    if len(stuck) == len(live):
+        _line(f"poller check: {stuck[0]['_id']} is alive but its ticks stopped completing")
+        return 1
+    newest = next(beat for beat in live if beat not in stuck)
     seen = (now - newest["lastSeenAt"]).total_seconds()
     _line(f"ok: {len(live)} live, {newest['_id']} on {newest.get('host')} seen {seen:.0f} s ago")
     return 0
@@ -39,15 +43,16 @@ def check(settings: Settings, instance: str | None = None) -> int:
 
 def status(settings: Settings, as_json: bool = False) -> int:
     """Print live pollers, the backlog, the last 24 hours and running campaigns."""
-    store = Store.connect(settings)
     now = datetime.now(UTC)
     try:
-        overview = store.overview(now)
+        store = Store.connect(settings)
+        try:
+            overview = store.overview(now)
+        finally:
+            store.close()
     except PyMongoError as exc:
-        _line(f"poller status: MongoDB is unavailable: {exc}")
+        _line(f"poller status: MongoDB is unavailable: {_one_line(exc)}")
         return 1
-    finally:
-        store.close()
     if as_json:
         sys.stdout.write(json.dumps(overview, default=str, indent=2) + "\n")
     else:
@@ -111,6 +116,10 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     if not overview["campaigns"]:
         campaigns.add_row("none", "", "", "", "", "", "")
     console.print(campaigns)
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def _line(text: str) -> None:

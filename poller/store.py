@@ -40,7 +40,6 @@ NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
-HEARTBEAT_TTL_SECONDS = 30
 
 UNKNOWN_REASON = (
     "The poller stopped while this message was being sent, so it may or may not have been "
@@ -64,7 +63,7 @@ class Store:
         self.campaigns: Collection[Doc] = self.db[settings.campaigns_collection]
         self.sessions: Collection[Doc] = self.db[settings.sessions_collection]
         self.heartbeats: Collection[Doc] = self.db[settings.heartbeats_collection]
-        # A heartbeat older than three beats is a dead poller's.
+        # A poller that missed three beats is down: each beat says it is alive until then.
         self.heartbeat_max_age = timedelta(seconds=3 * settings.heartbeat_seconds)
         # Unique per process, so that replicas sharing POLLER_INSTANCE_ID never share claims.
         self.owner = f"{settings.instance_id}/{secrets.token_hex(4)}"
@@ -100,10 +99,11 @@ class Store:
             except OperationFailure as exc:
                 if exc.code not in (85, 86):  # the same keys exist under another name or options
                     raise
-        # MongoDB deletes a heartbeat 30 s after its last beat (its TTL monitor runs every 60 s).
+        # MongoDB deletes a heartbeat once its aliveUntil has passed (its TTL monitor runs every
+        # 60 s); readers compare aliveUntil with now and do not wait for that.
         try:
             self.heartbeats.create_index(
-                "lastSeenAt", name="poller_heartbeat_ttl", expireAfterSeconds=HEARTBEAT_TTL_SECONDS
+                "aliveUntil", name="poller_heartbeat_expiry", expireAfterSeconds=0
             )
         except OperationFailure as exc:
             if exc.code not in (85, 86):
@@ -111,15 +111,21 @@ class Store:
 
     # -- heartbeats -----------------------------------------------------------------------------
 
-    def beat(self, fields: Doc) -> None:
-        self.heartbeats.replace_one({"_id": self.owner}, {"_id": self.owner, **fields}, upsert=True)
+    def beat(self, fields: Doc, now: datetime) -> None:
+        beat = {
+            "_id": self.owner,
+            **fields,
+            "lastSeenAt": now,
+            "aliveUntil": now + self.heartbeat_max_age,
+        }
+        self.heartbeats.replace_one({"_id": self.owner}, beat, upsert=True)
 
     def remove_beat(self) -> None:
         self.heartbeats.delete_one({"_id": self.owner})
 
     def live_heartbeats(self, now: datetime, instance: str | None = None) -> list[Doc]:
         """Heartbeats of pollers alive now, newest first; `instance` matches an id or the host."""
-        query: Doc = {"lastSeenAt": {"$gte": now - self.heartbeat_max_age}}
+        query: Doc = {"aliveUntil": {"$gt": now}}
         if instance:
             query["$or"] = [{"_id": instance}, {"instance": instance}, {"host": instance}]
         return list(self.heartbeats.find(query).sort("lastSeenAt", -1))

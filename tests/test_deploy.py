@@ -106,6 +106,7 @@ def test_image_install_steps_and_entry_point(tmp_path: Path) -> None:
     env.pop("VIRTUAL_ENV", None)
     subprocess.run(install, shell=True, cwd=context, env=env, check=True, timeout=600)
 
+    assert "ENTRYPOINT" not in text, "`docker run IMAGE poller once` replaces CMD as a whole"
     [cmd] = re.findall(r"^CMD (\[.+\])$", text, re.M)
     assert json.loads(cmd) == ["poller", "run"]
     health = re.findall(r"CMD (\[.+\])$", text.split("HEALTHCHECK", 1)[1], re.M)[0]

@@ -20,8 +20,9 @@ from support import POLLER, environment, message, seconds, utcnow
 import poller
 from poller import status
 from poller.daemon import Poller
+from poller.metrics import Metrics
 from poller.settings import Settings
-from poller.store import HEARTBEAT_TTL_SECONDS, Store
+from poller.store import Store
 from poller.testing.waha import WahaSimulator
 
 
@@ -32,7 +33,7 @@ def test_heartbeat_document(settings: Settings, waha: WahaSimulator) -> None:
     instance.tick()
     instance.heartbeat()
     beat = instance.store.heartbeats.find_one({"_id": instance.store.owner})
-    index = instance.store.heartbeats.index_information()["poller_heartbeat_ttl"]
+    index = instance.store.heartbeats.index_information()["poller_heartbeat_expiry"]
     instance.close()
     assert beat is not None
     assert beat["instance"] == settings.instance_id and beat["pid"] == os.getpid()
@@ -43,7 +44,9 @@ def test_heartbeat_document(settings: Settings, waha: WahaSimulator) -> None:
         {"name": "default", "status": "WORKING"},
         {"name": "sales", "status": "SCAN_QR_CODE"},
     ]
-    assert index["expireAfterSeconds"] == HEARTBEAT_TTL_SECONDS <= 60
+    assert beat["aliveUntil"] == beat["lastSeenAt"] + 3 * seconds(settings.heartbeat_seconds)
+    assert beat["ticking"] is True and beat["tickRunningSince"] is None
+    assert index["key"] == [("aliveUntil", 1)] and index["expireAfterSeconds"] == 0
 
 
 def test_heartbeat_when_waha_is_down(make_settings: Callable[..., Settings]) -> None:
@@ -57,27 +60,44 @@ def test_heartbeat_when_waha_is_down(make_settings: Callable[..., Settings]) -> 
 
 def test_check(settings: Settings, store: Store, capsys: pytest.CaptureFixture[str]) -> None:
     assert status.check(settings) == 1
-    assert "no heartbeat from a poller in the last 30 s" in capsys.readouterr().out
+    assert "no live heartbeat from a poller" in capsys.readouterr().out
 
     now = utcnow()
-    store.heartbeats.insert_one(
-        {"_id": "vps-1/ab", "instance": "vps-1", "host": "vps", "lastSeenAt": now}
-    )
-    store.heartbeats.insert_one(
-        {"_id": "old/cd", "instance": "old", "host": "gone", "lastSeenAt": now - seconds(31)}
-    )
+
+    def beat(_id: str, host: str, alive: float, ticking: bool = True) -> None:
+        store.heartbeats.insert_one(
+            {
+                "_id": _id,
+                "instance": _id.split("/")[0],
+                "host": host,
+                "lastSeenAt": now - seconds(1),
+                "aliveUntil": now + seconds(alive),
+                "ticking": ticking,
+            }
+        )
+
+    beat("vps-1/ab", "vps", alive=29)
+    beat("old/cd", "gone", alive=-1)
+    beat("stuck/ef", "jammed", alive=29, ticking=False)
     assert status.check(settings) == 0
-    assert capsys.readouterr().out.startswith("ok: 1 live, vps-1/ab on vps seen")
+    assert capsys.readouterr().out.startswith("ok: 2 live, vps-1/ab on vps seen")
     assert status.check(settings, "vps-1") == 0
     assert status.check(settings, "vps") == 0  # by host, as `--local` asks
     capsys.readouterr()
     assert status.check(settings, "old") == 1
-    assert "no heartbeat from poller 'old'" in capsys.readouterr().out
+    assert "no live heartbeat from poller 'old'" in capsys.readouterr().out
+    assert status.check(settings, "stuck") == 1
+    assert "stuck/ef is alive but its ticks stopped completing" in capsys.readouterr().out
 
 
-def test_check_without_mongodb(make_settings: Callable[..., Settings]) -> None:
-    settings = make_settings(mongodb_uri="mongodb://127.0.0.1:1/x", mongodb_timeout_seconds=0.5)
+@pytest.mark.parametrize("uri", ["mongodb://127.0.0.1:1/x", "mongodb+srv://nowhere.invalid/x"])
+def test_check_without_mongodb(
+    make_settings: Callable[..., Settings], capsys: pytest.CaptureFixture[str], uri: str
+) -> None:
+    settings = make_settings(mongodb_uri=uri, mongodb_timeout_seconds=0.5)
     assert status.check(settings) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("poller check: MongoDB is unavailable") and out.count("\n") == 1
 
 
 def test_status(
@@ -119,6 +139,26 @@ def test_run_once_from_python(settings: Settings, store: Store, waha: WahaSimula
     counts = poller.run_once(environment(settings))
     assert counts["sent"] == 1 and counts["claimed"] == 1 and counts["key_rejected"] is False
     assert len(waha.sent) == 1
+    store.messages.insert_one(message(utcnow(), chat_id="447700900999"))
+    with pytest.raises(PermissionError, match="WAHA rejected the API key"):
+        poller.run_once(environment(settings, WAHA_API_KEY="wrong"))
+    assert len(waha.sent) == 1
+
+
+def test_health_follows_heartbeats_and_ticks(settings: Settings, waha: WahaSimulator) -> None:
+    instance = Poller(settings)
+    instance.start()
+    assert not instance.healthy(), "no heartbeat yet"
+    instance.heartbeat()
+    assert instance.healthy()
+    # Ticks stopped completing: started long ago, none finished since.
+    instance.started_at -= timedelta(seconds=2 * settings.poll_interval_seconds + 61)
+    assert not instance.healthy()
+    instance.tick()
+    assert instance.healthy()
+    instance.last_beat = utcnow() - 3 * seconds(settings.heartbeat_seconds) - seconds(1)
+    assert not instance.healthy(), "heartbeats stopped"
+    instance.close()
 
 
 def test_two_once_at_the_same_moment_send_each_message_once(
@@ -169,7 +209,7 @@ def test_run_writes_a_heartbeat_and_removes_it_on_stop(
     assert local.returncode == 0
     assert store.heartbeats.count_documents({}) == 0, "removed on a clean stop"
     gone = subprocess.run(POLLER + ["check"], env=env, cwd=tmp_path, capture_output=True, text=True)
-    assert gone.returncode == 1 and "no heartbeat" in gone.stdout
+    assert gone.returncode == 1 and "no live heartbeat" in gone.stdout
 
 
 def free_port() -> int:
@@ -228,3 +268,18 @@ def test_metrics_port_in_use_is_a_clear_crash(settings: Settings, tmp_path: Path
         )
     assert result.returncode == 1
     assert f"crashed: cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_healthz_answers_what_health_says(healthy: bool) -> None:
+    port = free_port()
+    server = Metrics().serve("127.0.0.1", port, lambda: healthy)
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/healthz")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert answer.status_code == (200 if healthy else 503)
+    assert answer.json() == {"status": "ok" if healthy else "down"}
+    assert 'poller_messages_total{outcome="sent"} 0.0' in metrics.text
