@@ -266,14 +266,15 @@ class Store:
 
     # -- one message's life --------------------------------------------------------------------
 
-    def start_sending(self, message_id: Any, now: datetime) -> bool:
-        """Mark a claimed message as in flight; False when it is no longer ours, or was deleted."""
+    def start_sending(self, message_id: Any, now: datetime, send_id: str | None = None) -> bool:
+        """Mark a claimed message as in flight, with the WAHA message id it will be sent under
+        (kept for every retry); False when it is no longer ours, or was deleted."""
+        fields: Doc = {"status": SENDING, "leaseUntil": now + self.send_lease}
+        if send_id:
+            fields["sendId"] = send_id
         result = self.messages.update_one(
             {"_id": message_id, "pickedBy": self.owner, "status": CLAIMED, **NOT_DONE},
-            {
-                "$set": {"status": SENDING, "leaseUntil": now + self.send_lease},
-                "$inc": {"attempts": 1},
-            },
+            {"$set": fields, "$inc": {"attempts": 1}},
         )
         return result.modified_count == 1
 
@@ -294,11 +295,12 @@ class Store:
         )
         return result.modified_count == 1
 
-    def mark_failed(self, message_id: Any, reason: str, now: datetime) -> None:
+    def finish(self, message_id: Any, status: str, reason: str, now: datetime) -> None:
+        """End a message this poller holds as `failed` or `unknown`, with the reason."""
         self.messages.update_one(
             {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
             {
-                "$set": {"status": FAILED, "finishedAt": now, "lastError": reason},
+                "$set": {"status": status, "finishedAt": now, "lastError": reason},
                 "$unset": {"leaseUntil": "", "retryAt": ""},
             },
         )

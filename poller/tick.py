@@ -12,7 +12,7 @@ from typing import Any
 from bson import ObjectId
 from loguru import logger
 
-from poller.store import Doc, Store
+from poller.store import FAILED, UNKNOWN, Doc, Store
 from poller.waha import Outcome, Verdict, WahaClient
 
 # WhatsApp ids WAHA can send to: a person (c.us, lid), a group (g.us), a channel (newsletter).
@@ -123,7 +123,7 @@ def _send_batch(
 
         ready = prepare(doc, store)
         if isinstance(ready, str):
-            store.mark_failed(doc["_id"], ready, clock())
+            store.finish(doc["_id"], FAILED, ready, clock())
             counts.failed += 1
             logger.warning("message {} failed: {}", doc["_id"], ready)
             continue
@@ -132,12 +132,27 @@ def _send_batch(
             store.release([doc["_id"]], reason, clock() + store.retry_delay)
             counts.retried += 1
             continue
-        if not store.start_sending(doc["_id"], clock()):
+        # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
+        send_id = doc.get("sendId") if isinstance(doc.get("sendId"), str) else None
+        if not send_id:
+            got = waha.new_message_id(ready.session)
+            if isinstance(got, Outcome):
+                _record(store, doc, ready, got, clock(), blocked, counts)
+                continue
+            send_id = got
+        if not store.start_sending(doc["_id"], clock(), send_id):
             store.release([doc["_id"]])
             logger.warning("message {} was deleted or taken over meanwhile; skipped", doc["_id"])
             continue
 
-        outcome = waha.send_text(ready.session, ready.chat_id, ready.text)
+        outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
+        if outcome.ambiguous and not send_id:
+            outcome = Outcome(
+                Verdict.UNKNOWN,
+                f"{outcome.reason}. WhatsApp may have the message, and this WAHA cannot "
+                "pre-generate message ids, so it was not sent again: check the chat before "
+                "resending.",
+            )
         _record(store, doc, ready, outcome, clock(), blocked, counts)
 
 
@@ -162,9 +177,13 @@ def _record(
             counts.lateness.append((now - scheduled).total_seconds())
         logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
     elif outcome.verdict is Verdict.FAILED:
-        store.mark_failed(message_id, outcome.reason, now)
+        store.finish(message_id, FAILED, outcome.reason, now)
         counts.failed += 1
         logger.warning("message {} failed: {}", message_id, outcome.reason)
+    elif outcome.verdict is Verdict.UNKNOWN:
+        store.finish(message_id, UNKNOWN, outcome.reason, now)
+        counts.unknown += 1
+        logger.warning("message {} outcome unknown: {}", message_id, outcome.reason)
     elif outcome.verdict is Verdict.REJECTED_KEY:
         # Not the message's fault: give it back untouched and stop talking to this server.
         store.release([message_id], outcome.reason)

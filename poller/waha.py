@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -15,6 +16,7 @@ class Verdict(enum.Enum):
     SENT = "sent"
     RETRY = "retry"  # not sent; try again later
     FAILED = "failed"  # final: not sent, or not safe to send again
+    UNKNOWN = "unknown"  # final: WAHA may have sent it; it must not be sent again
     REJECTED_KEY = "rejected_key"  # WAHA refused the API key: stop talking to it this tick
 
 
@@ -24,6 +26,8 @@ class Outcome:
     reason: str = ""  # a sentence for the person reading lastError
     message_id: str | None = None
     status_code: int | None = None
+    # The request reached WAHA but no answer came back: WhatsApp may have the message.
+    ambiguous: bool = False
 
 
 class WahaClient:
@@ -36,6 +40,8 @@ class WahaClient:
         if api_key:
             headers["X-Api-Key"] = api_key
         self.base_url = base_url.rstrip("/")
+        # False once this WAHA has shown it cannot pre-generate message ids (older versions).
+        self.offers_ids = True
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
@@ -46,19 +52,61 @@ class WahaClient:
     def close(self) -> None:
         self._http.close()
 
-    def send_text(self, session: str, chat_id: str, text: str) -> Outcome:
+    def send_text(
+        self, session: str, chat_id: str, text: str, message_id: str | None = None
+    ) -> Outcome:
+        """Send one text. With `message_id` (pre-generated), WAHA delivers it at most once."""
         body = {"session": session, "chatId": chat_id, "text": text}
+        if message_id:
+            body["id"] = message_id
         try:
             response = self._http.post("/api/sendText", json=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            return Outcome(
-                Verdict.RETRY, f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
-            )
+            return self._unreachable(exc)
+        except httpx.WriteTimeout as exc:  # the request was not fully sent: WAHA cannot act on it
+            return Outcome(Verdict.RETRY, f"WAHA did not take the request in time ({_kind(exc)})")
         except httpx.TimeoutException as exc:
-            return Outcome(Verdict.RETRY, f"WAHA did not answer in time ({_kind(exc)})")
+            reason = f"WAHA did not answer in time ({_kind(exc)})"
+            return Outcome(Verdict.RETRY, reason, ambiguous=True)
         except httpx.HTTPError as exc:
-            return Outcome(Verdict.RETRY, f"the connection to WAHA broke ({_kind(exc)})")
+            reason = f"the connection to WAHA broke ({_kind(exc)})"
+            return Outcome(Verdict.RETRY, reason, ambiguous=True)
         return classify(response.status_code, _json(response), session)
+
+    def new_message_id(self, session: str) -> str | Outcome | None:
+        """A pre-generated id for the next message (WAHA 2026.4.3+, NOWEB and GOWS engines).
+
+        None when this WAHA does not offer ids (remembered: not asked again); an Outcome when
+        the request failed in a way that stops this message for now (nothing was sent).
+        """
+        if not self.offers_ids:
+            return None
+        try:
+            response = self._http.get(f"/api/{quote(session, safe='')}/new-message-id")
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return self._unreachable(exc)
+        except httpx.HTTPError as exc:
+            return Outcome(Verdict.RETRY, f"WAHA gave no message id ({_kind(exc)})")
+        code, body = response.status_code, _json(response)
+        if (
+            code == 200
+            and isinstance(body, dict)
+            and isinstance(body.get("id"), str)
+            and body["id"]
+        ):
+            return str(body["id"])
+        said = _said(body)
+        if (code in (404, 405) and "find a session" not in said) or "not implemented" in said:
+            self.offers_ids = False  # no such route, or an engine without it
+            return None
+        if code >= 500:
+            return Outcome(Verdict.RETRY, f"WAHA gave no message id ({code}{said})", None, code)
+        return classify(code, body, session)
+
+    def _unreachable(self, exc: Exception) -> Outcome:
+        return Outcome(
+            Verdict.RETRY, f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
+        )
 
     def sessions(self) -> list[dict[str, str]] | None:
         """Every session's name and status (`GET /api/sessions?all=true`); None when WAHA fails."""

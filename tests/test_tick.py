@@ -63,13 +63,16 @@ def test_due_message_is_sent_and_marked(
     assert doc["wahaMessageId"] == sent.id
     assert doc["attempts"] == 1
     assert doc["lastError"] is None and "leaseUntil" not in doc
-    [request] = waha.requests
+    asked, request = waha.requests
+    assert asked.method == "GET" and asked.path == "/api/default/new-message-id"
     assert request.headers["X-Api-Key"] == settings.waha_api_key
     assert request.json() == {
         "session": "default",
         "chatId": "447700900123@c.us",
         "text": "Reminder: 10:00",
+        "id": doc["sendId"],
     }
+    assert sent.id.endswith("_" + doc["sendId"])
 
 
 def test_a_sent_message_is_not_sent_again(
@@ -170,7 +173,7 @@ def test_wrong_api_key_stops_sending_and_leaves_messages_pending(
         assert doc["status"] == "pending" and doc["isPicked"] is False and doc["isSent"] is False
         assert "leaseUntil" not in doc and "pickedBy" not in doc
     assert "API key" in get(store, ids[0])["lastError"]
-    assert get(store, ids[0]).get("attempts", 0) == 1
+    assert get(store, ids[0]).get("attempts", 0) == 0, "the key was refused before any send"
 
     # With the right key the same messages go out on the next tick.
     counts = run_tick(store, make_settings(), now=now + seconds(30))
@@ -202,7 +205,8 @@ def test_session_not_started_is_retried_later_then_sent(
     waha.sessions["default"] = "WORKING"
     counts = run_tick(store, settings, now=now + seconds(settings.retry_seconds))
     assert counts.sent == 2
-    assert get(store, first)["attempts"] == 2 and get(store, second)["attempts"] == 1
+    # attempts counts sendText requests: the 404 came when asking for a message id.
+    assert get(store, first)["attempts"] == 1 and get(store, second)["attempts"] == 1
 
 
 def test_session_not_working_is_retried(
@@ -245,7 +249,7 @@ def test_engine_error_fails_and_is_never_resent(
     run_tick(store, settings, now=now + seconds(60))
 
     assert counts.failed == 1
-    assert len(waha.requests) == 1
+    assert len(waha.requests_to("/api/sendText")) == 1
     doc = get(store, message_id)
     assert doc["status"] == "failed"
     assert "500: 2 UNKNOWN: server returned error 463" in doc["lastError"]
@@ -630,7 +634,7 @@ def test_long_batches_renew_their_lease(
     counts = run_tick(short_leases, settings)
     short_leases.close()
     assert counts.sent == 6
-    assert seen == [0] * 6
+    assert len(seen) == 12 and set(seen) == {0}  # a message id and a send for each
 
 
 # -- campaigns ------------------------------------------------------------------------------------
@@ -695,3 +699,64 @@ def test_finished_campaign_is_not_rewritten(store: Store, settings: Settings) ->
     run_tick(store, settings)
     doc = store.campaigns.find_one({"_id": campaign})
     assert doc is not None and doc["stats"] == {"total": 9}
+
+
+# -- idempotent retries ----------------------------------------------------------------------------
+
+
+def test_a_timed_out_send_is_retried_under_the_same_id_and_delivered_once(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    settings = make_settings(waha_timeout_seconds=0.5)
+    waha.stall_after_send.add("447700900123@c.us")
+    waha.stall = 1.0  # WAHA delivers, then answers after the poller gave up waiting
+    now = utcnow()
+    message_id = add(store, scheduled_at=now)
+
+    first = run_tick(store, settings, now=now)
+    doc = get(store, message_id)
+    assert first.retried == 1 and doc["status"] == "retry"
+    assert "did not answer in time" in doc["lastError"]
+
+    second = run_tick(store, settings, now=now + seconds(settings.retry_seconds))
+
+    assert second.sent == 1
+    sends = waha.requests_to("/api/sendText")
+    assert len(sends) == 2 and sends[0].json()["id"] == sends[1].json()["id"] == doc["sendId"]
+    assert len(waha.sent) == 1, "WhatsApp got it once"
+    doc = get(store, message_id)
+    assert doc["status"] == "sent" and doc["wahaMessageId"] == waha.sent[0].id
+    assert doc["attempts"] == 2
+
+
+def test_without_message_ids_a_timed_out_send_is_unknown_not_resent(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    settings = make_settings(waha_timeout_seconds=0.5)
+    waha.message_ids = False  # an older WAHA
+    waha.stall_after_send.add("447700900123@c.us")
+    waha.stall = 1.0
+    now = utcnow()
+    message_id = add(store, scheduled_at=now)
+
+    counts = run_tick(store, settings, now=now)
+    run_tick(store, settings, now=now + seconds(60))
+
+    assert counts.unknown == 1
+    doc = get(store, message_id)
+    assert doc["status"] == "unknown" and "sendId" not in doc
+    assert "cannot pre-generate message ids" in doc["lastError"]
+    assert len(waha.requests_to("/api/sendText")) == 1 and len(waha.sent) == 1
+
+
+def test_without_message_ids_messages_still_go_out(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.message_ids = False
+    now = utcnow()
+    for n in range(3):
+        add(store, scheduled_at=now, chat_id=f"4477009000{n:02d}")
+    counts = run_tick(store, settings, now=now)
+    assert counts.sent == 3
+    assert len(waha.requests_to("/api/default/new-message-id")) == 1, "asked once, then remembered"
+    assert all("id" not in r.json() for r in waha.requests_to("/api/sendText"))

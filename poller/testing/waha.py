@@ -50,6 +50,12 @@ class WahaSimulator:
     latency: float = 0.0  # added before every sendText answer
     # chatId -> (code, body): the engine's answer for that chat instead of a 201.
     scripted: dict[str, tuple[int, Any]] = field(default_factory=dict)
+    # Pre-generated message ids (GET /api/{session}/new-message-id, `id` in sendText) as in
+    # WAHA 2026.4.3+; False answers that route with 404, as older versions do.
+    message_ids: bool = True
+    # chatIds whose next send is delivered but answered only after `stall` seconds (a timeout).
+    stall_after_send: set[str] = field(default_factory=set)
+    stall: float = 0.0
     # Called with every request; whatever it returns (an error text) is kept in `violations`.
     validator: Callable[[Request], str | None] | None = None
 
@@ -103,6 +109,10 @@ class WahaSimulator:
         with self._lock:
             return [m for m in self.sent if m.chat_id == chat_id]
 
+    def requests_to(self, path: str) -> list[Request]:
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
     # -- request handling -------------------------------------------------------------------------
 
     def _handle(self, http: BaseHTTPRequestHandler, method: str) -> None:
@@ -147,23 +157,25 @@ class WahaSimulator:
             return 200, self._session_info(name)
         if request.method == "POST" and request.path == "/api/sendText":
             return self._send_text(request)
+        if (
+            self.message_ids
+            and request.method == "GET"
+            and request.path.startswith("/api/")
+            and request.path.endswith("/new-message-id")
+        ):
+            session = request.path.split("/")[2]
+            return self._session_problem(session) or (200, {"id": secrets.token_hex(10).upper()})
         return _error(404, f"Cannot {request.method} {request.path}")
 
-    def _send_text(self, request: Request) -> tuple[int, Any]:
-        try:
-            body = request.json()
-        except ValueError as exc:
-            return _error(400, f"Unexpected token in JSON: {exc}")
-        if not isinstance(body, dict):
-            return _error(400, "Bad Request")
-        session = body.get("session")
-        if session not in self.sessions or self.sessions[session] == "STOPPED":
+    def _session_problem(self, session: object) -> tuple[int, Any] | None:
+        """WAHA's answer when `session` cannot send: 404 not started, 422 not WORKING."""
+        if session not in self.sessions or self.sessions[str(session)] == "STOPPED":
             return _error(
                 404,
                 f"We didn't find a session with name '{session}'.\nPlease start it first by "
                 f"using POST /api/sessions/{session}/start request",
             )
-        status = self.sessions[session]
+        status = self.sessions[str(session)]
         if status != "WORKING":
             time.sleep(self.not_working_wait)
             return 422, {
@@ -174,6 +186,19 @@ class WahaSimulator:
                 "status": status,
                 "expected": ["WORKING"],
             }
+        return None
+
+    def _send_text(self, request: Request) -> tuple[int, Any]:
+        try:
+            body = request.json()
+        except ValueError as exc:
+            return _error(400, f"Unexpected token in JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "Bad Request")
+        session = body.get("session")
+        problem = self._session_problem(session)
+        if problem:
+            return problem
         time.sleep(self.latency)
         chat_id = str(body.get("chatId"))
         if chat_id in self.scripted:
@@ -181,11 +206,18 @@ class WahaSimulator:
         text = body.get("text")
         if not isinstance(text, str):
             return engine_error("text is required")
-        message = SentMessage(
-            f"true_{chat_id}_{secrets.token_hex(10).upper()}", session, chat_id, text, time.time()
-        )
+        given = body.get("id") if self.message_ids else None
+        message_id = f"true_{chat_id}_{given or secrets.token_hex(10).upper()}"
         with self._lock:
-            self.sent.append(message)
+            # Like WAHA: a message id already sent is not sent again; the same message answers.
+            message = next((m for m in self.sent if given and m.id == message_id), None)
+            if message is None:
+                message = SentMessage(message_id, str(session), chat_id, text, time.time())
+                self.sent.append(message)
+            stall = chat_id in self.stall_after_send
+            self.stall_after_send.discard(chat_id)
+        if stall:
+            time.sleep(self.stall)  # delivered, but the answer comes too late
         return 201, {
             "id": message.id,
             "timestamp": int(message.at),
