@@ -82,7 +82,9 @@ class Poller:
                 "lastTickAt": last_at,
                 "lastTick": last_counts.totals() if last_counts else None,
                 # None when WAHA did not answer: nothing can be sent (README: "system down").
-                "wahaSessions": self.waha.sessions(),
+                "wahaSessions": sessions
+                if isinstance(sessions := self.waha.sessions(), list)
+                else None,
                 "tickRunningSince": self.tick_started,
             },
             now,

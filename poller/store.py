@@ -141,20 +141,37 @@ class Store:
             "retryAt": {"$not": {"$gt": now}},
         }
 
-    def claim(self, now: datetime, limit: int) -> list[Doc]:
+    def of_sessions(self, names: Iterable[str]) -> Doc:
+        """Messages that name one of these WAHA sessions, directly or through `sessionId`."""
+        names = list(names)
+        ids = [d["_id"] for d in self.sessions.find({"name": {"$in": names}}, {"_id": 1})]
+        variants = [v for i in ids for v in id_variants(i)]
+        return {"$or": [{"session": {"$in": names}}, {"sessionId": {"$in": variants}}]}
+
+    def note_waiting(self, now: datetime, reason: str, which: Doc | None = None) -> None:
+        """Say in lastError why due messages (of `which` sessions) are not being sent now."""
+        self.messages.update_many(
+            {**self.claimable(now), **(which or {})}, {"$set": {"lastError": reason}}
+        )
+
+    def claim(self, now: datetime, limit: int, skip: Doc | None = None) -> list[Doc]:
         """Atomically take up to `limit` messages: lapsed claims first, then newly due ones.
+        Messages matching `skip` (sessions that cannot send now) are left alone.
 
         Each document is taken by one conditional update, so of two pollers racing for it
         exactly one wins; the other's update simply does not match.
         """
         until = now + self.lease
         taken: list[Doc] = []
-        lapsed = {
+        lapsed: Doc = {
             "status": CLAIMED,
             "leaseUntil": {"$lt": now, "$gte": now - self.lookback},
             **NOT_DONE,
         }
-        for query, hint in ((lapsed, LEASE_INDEX), (self.claimable(now), CLAIM_INDEX)):
+        pending = self.claimable(now)
+        if skip:
+            lapsed, pending = {**lapsed, "$nor": [skip]}, {**pending, "$nor": [skip]}
+        for query, hint in ((lapsed, LEASE_INDEX), (pending, CLAIM_INDEX)):
             room = limit - len(taken)
             if room <= 0:
                 break

@@ -12,6 +12,7 @@ from typing import Any
 from bson import ObjectId
 from loguru import logger
 
+from poller.breaker import SERVER, Breakers
 from poller.store import FAILED, UNKNOWN, Doc, Store
 from poller.waha import Outcome, Verdict, WahaClient
 
@@ -60,15 +61,18 @@ def tick(
     batch_size: int,
     now: datetime | None = None,
     stop: threading.Event | None = None,
+    breakers: Breakers | None = None,
 ) -> TickCounts:
     """Run one tick and return its counts.
 
     `now` fixes the clock (tests, replays); without it every step reads the wall clock.
     `stop` is checked between messages: once set, the message in flight finishes and the
-    claims not yet started are released.
+    claims not yet started are released. `breakers` carry WAHA's failures from one tick to the
+    next (a daemon keeps one); without it, this tick starts with every breaker closed.
     """
     clock: Callable[[], datetime] = (lambda: now) if now else (lambda: datetime.now(UTC))
     stop = stop or threading.Event()
+    breakers = breakers or Breakers(store.retry_delay)
     counts = TickCounts()
     campaigns: set[Any] = set()
 
@@ -77,20 +81,47 @@ def tick(
         counts.expired, counts.unknown, counts.failed = swept.expired, swept.unknown, swept.failed
         campaigns |= _campaign_ids(swept.campaigns)
 
-        # Sessions (or, under the key "*", the whole server) that cannot send for the rest of
-        # this tick.
-        blocked: dict[str, Outcome] = {}
-        while not stop.is_set() and "*" not in blocked:
-            batch = store.claim(clock(), batch_size)
+        idle = _sessions_not_working(store, waha, breakers, clock(), counts)
+        while not stop.is_set() and SERVER not in breakers.open(clock()):
+            paused = idle | breakers.open(clock()).keys()
+            batch = store.claim(clock(), batch_size, store.of_sessions(paused) if paused else None)
             if not batch:
                 break
             counts.claimed += len(batch)
             campaigns |= _campaign_ids(d.get("campaignId") for d in batch)
-            _send_batch(store, waha, batch, clock, stop, blocked, counts)
+            _send_batch(store, waha, batch, clock, stop, breakers, counts)
     finally:
         # Even after a failure: what was settled before it must show in its campaign.
         store.rollup(campaigns, clock())
     return counts
+
+
+def _sessions_not_working(
+    store: Store, waha: WahaClient, breakers: Breakers, now: datetime, counts: TickCounts
+) -> set[str]:
+    """Ask WAHA once which sessions cannot send now; their messages are left unclaimed.
+
+    Due messages that wait for a session (or for the whole server) say why in lastError.
+    When WAHA cannot be asked, its breaker opens and nothing is claimed this tick.
+    """
+    if SERVER not in breakers.open(now):
+        listed = waha.sessions()
+        if isinstance(listed, Outcome):
+            counts.key_rejected = listed.verdict is Verdict.REJECTED_KEY
+            breakers.failed(SERVER, now, listed.reason, at_once=True)
+            log = logger.error if counts.key_rejected else logger.warning
+            log("nothing sent for {:g} s: {}", breakers.cooldown.total_seconds(), listed.reason)
+        else:
+            breakers.succeeded(SERVER)
+            idle = {s["name"]: s["status"] for s in listed if s["status"] != "WORKING"}
+            waiting = breakers.open(now)
+            for name, status in idle.items():
+                waiting[name] = f"WhatsApp session '{name}' is {status}, not WORKING"
+            for name, reason in waiting.items():
+                store.note_waiting(now, reason, store.of_sessions([name]))
+            return set(idle)
+    store.note_waiting(now, breakers.open(now)[SERVER])
+    return set()
 
 
 def _campaign_ids(values: Iterable[Any]) -> set[Any]:
@@ -104,7 +135,7 @@ def _send_batch(
     batch: list[Doc],
     clock: Callable[[], datetime],
     stop: threading.Event,
-    blocked: dict[str, Outcome],
+    breakers: Breakers,
     counts: TickCounts,
 ) -> None:
     lease_until = clock() + store.lease
@@ -114,8 +145,9 @@ def _send_batch(
             counts.released += store.release(rest)
             logger.info("released {} claimed message(s) not yet started", len(rest))
             return
-        if "*" in blocked:
-            counts.released += store.release(rest, blocked["*"].reason)
+        paused = breakers.open(clock())
+        if SERVER in paused:
+            counts.released += store.release(rest, paused[SERVER])
             return
         if clock() > lease_until - store.lease / 2:
             lease_until = clock() + store.lease
@@ -127,9 +159,8 @@ def _send_batch(
             counts.failed += 1
             logger.warning("message {} failed: {}", doc["_id"], ready)
             continue
-        if ready.session in blocked:
-            reason = blocked[ready.session].reason
-            store.release([doc["_id"]], reason, clock() + store.retry_delay)
+        if ready.session in paused:
+            store.release([doc["_id"]], paused[ready.session], clock() + store.retry_delay)
             counts.retried += 1
             continue
         # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
@@ -137,7 +168,7 @@ def _send_batch(
         if not send_id:
             got = waha.new_message_id(ready.session)
             if isinstance(got, Outcome):
-                _record(store, doc, ready, got, clock(), blocked, counts)
+                _record(store, doc, ready, got, clock(), breakers, counts)
                 continue
             send_id = got
         if not store.start_sending(doc["_id"], clock(), send_id):
@@ -153,7 +184,7 @@ def _send_batch(
                 "pre-generate message ids, so it was not sent again: check the chat before "
                 "resending.",
             )
-        _record(store, doc, ready, outcome, clock(), blocked, counts)
+        _record(store, doc, ready, outcome, clock(), breakers, counts)
 
 
 def _record(
@@ -162,7 +193,7 @@ def _record(
     ready: Ready,
     outcome: Outcome,
     now: datetime,
-    blocked: dict[str, Outcome],
+    breakers: Breakers,
     counts: TickCounts,
 ) -> None:
     message_id = doc["_id"]
@@ -185,20 +216,33 @@ def _record(
         counts.unknown += 1
         logger.warning("message {} outcome unknown: {}", message_id, outcome.reason)
     elif outcome.verdict is Verdict.REJECTED_KEY:
-        # Not the message's fault: give it back untouched and stop talking to this server.
+        # Not the message's fault: give it back untouched.
         store.release([message_id], outcome.reason)
         counts.released += 1
         counts.key_rejected = True
-        blocked["*"] = outcome
-        logger.error("{}: sending paused until the next tick", outcome.reason)
     else:
         store.release([message_id], outcome.reason, now + store.retry_delay)
         counts.retried += 1
         logger.info("message {} will be retried: {}", message_id, outcome.reason)
-        if outcome.status_code is None:
-            blocked["*"] = outcome  # WAHA unreachable: the rest would only fail the same way
-        elif outcome.status_code in (404, 422):
-            blocked[ready.session] = outcome
+    _feed_breaker(breakers, ready.session, outcome, now)
+
+
+def _feed_breaker(breakers: Breakers, session: str, outcome: Outcome, now: datetime) -> None:
+    """What an answer says about the session, or about the whole WAHA server."""
+    if outcome.verdict is Verdict.SENT:
+        breakers.succeeded(session)
+        return
+    if outcome.verdict is Verdict.FAILED and (outcome.status_code or 0) < 500:
+        return  # WAHA refused this message (400, ...): the session is fine
+    # A refused key, or no connection at all: nothing else would get through either.
+    server = outcome.verdict is Verdict.REJECTED_KEY or outcome.unreachable
+    key = SERVER if server else session
+    # WAHA said the session is not started (404) or not WORKING (422): no need to ask again.
+    at_once = server or outcome.status_code in (404, 422)
+    if breakers.failed(key, now, outcome.reason, at_once):
+        log = logger.error if outcome.verdict is Verdict.REJECTED_KEY else logger.warning
+        what = "WAHA" if server else f"session '{session}'"
+        log("{} paused for {:g} s: {}", what, breakers.cooldown.total_seconds(), outcome.reason)
 
 
 def prepare(doc: Doc, store: Store) -> Ready | str:

@@ -28,6 +28,8 @@ class Outcome:
     status_code: int | None = None
     # The request reached WAHA but no answer came back: WhatsApp may have the message.
     ambiguous: bool = False
+    # No connection to WAHA at all: nothing else would get through either.
+    unreachable: bool = False
 
 
 class WahaClient:
@@ -104,19 +106,23 @@ class WahaClient:
         return classify(code, body, session)
 
     def _unreachable(self, exc: Exception) -> Outcome:
-        return Outcome(
-            Verdict.RETRY, f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
-        )
+        reason = f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
+        return Outcome(Verdict.RETRY, reason, unreachable=True)
 
-    def sessions(self) -> list[dict[str, str]] | None:
-        """Every session's name and status (`GET /api/sessions?all=true`); None when WAHA fails."""
+    def sessions(self) -> list[dict[str, str]] | Outcome:
+        """Every session's name and status (`GET /api/sessions?all=true`), or why not."""
         try:
             response = self._http.get("/api/sessions", params={"all": "true"}, timeout=5.0)
-        except httpx.HTTPError:
-            return None
-        body = _json(response)
-        if response.status_code != 200 or not isinstance(body, list):
-            return None
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            return self._unreachable(exc)
+        except httpx.HTTPError as exc:
+            return Outcome(Verdict.RETRY, f"WAHA did not list its sessions ({_kind(exc)})")
+        code, body = response.status_code, _json(response)
+        if code in (401, 403):
+            return classify(code, body, "")
+        if code != 200 or not isinstance(body, list):
+            reason = f"WAHA did not list its sessions ({code}{_said(body)})"
+            return Outcome(Verdict.RETRY, reason, None, code)
         return [
             {"name": str(s.get("name")), "status": str(s.get("status"))}
             for s in body

@@ -63,7 +63,8 @@ def test_due_message_is_sent_and_marked(
     assert doc["wahaMessageId"] == sent.id
     assert doc["attempts"] == 1
     assert doc["lastError"] is None and "leaseUntil" not in doc
-    asked, request = waha.requests
+    listed, asked, request = waha.requests
+    assert (listed.method, listed.path, listed.query) == ("GET", "/api/sessions", "all=true")
     assert asked.method == "GET" and asked.path == "/api/default/new-message-id"
     assert request.headers["X-Api-Key"] == settings.waha_api_key
     assert request.json() == {
@@ -148,7 +149,7 @@ def test_bad_messages_fail_with_a_reason_and_no_request(
     counts = run_tick(store, settings)
 
     assert counts.failed == 1
-    assert waha.requests == []
+    assert waha.message_requests() == []
     doc = get(store, message_id)
     assert doc["status"] == "failed" and doc["isSent"] is False
     assert reason in doc["lastError"]
@@ -170,7 +171,8 @@ def test_wrong_api_key_stops_sending_and_leaves_messages_pending(
     assert len(waha.requests) == 1, "no further request once the key was refused"
     for message_id in ids:
         doc = get(store, message_id)
-        assert doc["status"] == "pending" and doc["isPicked"] is False and doc["isSent"] is False
+        assert doc.get("status", "pending") == "pending"
+        assert doc["isPicked"] is False and doc["isSent"] is False
         assert "leaseUntil" not in doc and "pickedBy" not in doc
     assert "API key" in get(store, ids[0])["lastError"]
     assert get(store, ids[0]).get("attempts", 0) == 0, "the key was refused before any send"
@@ -193,7 +195,7 @@ def test_session_not_started_is_retried_later_then_sent(
     counts = run_tick(store, settings, now=now)
 
     assert counts.retried == 2 and counts.sent == 0
-    assert len(waha.requests) == 1, "the session's other message waits without a request"
+    assert len(waha.message_requests()) == 1, "the session's other message waits unasked"
     doc = get(store, first)
     assert doc["status"] == "retry" and doc["isPicked"] is False
     assert doc["retryAt"] == now + seconds(settings.retry_seconds)
@@ -209,16 +211,30 @@ def test_session_not_started_is_retried_later_then_sent(
     assert get(store, first)["attempts"] == 1 and get(store, second)["attempts"] == 1
 
 
-def test_session_not_working_is_retried(
+def test_a_session_not_working_waits_while_the_others_send(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
-    waha.sessions["default"] = "SCAN_QR_CODE"
-    message_id = add(store)
-    counts = run_tick(store, settings)
-    assert counts.retried == 1
-    doc = get(store, message_id)
-    assert doc["status"] == "retry"
-    assert "'default' is SCAN_QR_CODE, not WORKING" in doc["lastError"]
+    waha.sessions.update(default="SCAN_QR_CODE", sales="WORKING")
+    store.sessions.insert_one({"_id": "s-default", "name": "default"})
+    now = utcnow()
+    waiting = [
+        add(store, scheduled_at=now),
+        add(store, scheduled_at=now, session=None, sessionId="s-default"),
+    ]
+    working = add(store, scheduled_at=now, session="sales")
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.claimed, counts.sent, counts.retried) == (1, 1, 0)
+    assert [r.json()["session"] for r in waha.requests_to("/api/sendText")] == ["sales"]
+    assert get(store, working)["status"] == "sent"
+    for message_id in waiting:
+        doc = get(store, message_id)
+        assert doc["isPicked"] is False and "status" not in doc, "left unclaimed"
+        assert doc["lastError"] == "WhatsApp session 'default' is SCAN_QR_CODE, not WORKING"
+
+    waha.sessions["default"] = "WORKING"
+    assert run_tick(store, settings, now=now + seconds(5)).sent == 2
 
 
 def test_a_retried_message_expires_with_its_last_error_after_the_lookback(
@@ -279,10 +295,10 @@ def test_waha_unreachable_is_retried(
 
     counts = run_tick(store, settings, now=now)
 
-    assert counts.retried == 1 and counts.released == 1
-    doc = get(store, ids[0])
-    assert doc["status"] == "retry" and "could not be reached" in doc["lastError"]
-    assert get(store, ids[1])["status"] == "pending"
+    assert counts.claimed == 0, "nothing is claimed while WAHA cannot list its sessions"
+    for message_id in ids:
+        doc = get(store, message_id)
+        assert doc["isPicked"] is False and "could not be reached" in doc["lastError"]
 
 
 def test_waha_timeout_is_retried(
@@ -527,7 +543,7 @@ def test_live_claims_of_another_poller_are_left_alone(
         leaseUntil=now + seconds(60),
     )
     assert run_tick(store, settings, now=now).claimed == 0
-    assert waha.requests == []
+    assert waha.message_requests() == []
 
 
 def test_claims_abandoned_too_long_expire(
@@ -545,7 +561,7 @@ def test_claims_abandoned_too_long_expire(
     assert run_tick(store, settings, now=now).expired == 1
     doc = get(store, message_id)
     assert doc["status"] == "expired" and "no poller took it over" in doc["lastError"]
-    assert waha.requests == []
+    assert waha.message_requests() == []
 
 
 def test_a_send_interrupted_by_a_crash_is_unknown_not_resent(
@@ -562,7 +578,7 @@ def test_a_send_interrupted_by_a_crash_is_unknown_not_resent(
         leaseUntil=now - seconds(1),
     )
     counts = run_tick(store, settings, now=now)
-    assert counts.unknown == 1 and waha.requests == []
+    assert counts.unknown == 1 and waha.message_requests() == []
     doc = get(store, message_id)
     assert doc["status"] == "unknown" and doc["isSent"] is False
     assert "may or may not have been delivered" in doc["lastError"]
@@ -592,7 +608,8 @@ def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
     original = waha.validator
 
     def stop_on_first_request(request: Request) -> str | None:
-        stop.set()  # as if SIGTERM arrived while this request is in flight
+        if request.path != "/api/sessions":
+            stop.set()  # as if SIGTERM arrived while this request is in flight
         return original(request) if original else None
 
     waha.validator = stop_on_first_request
@@ -634,7 +651,7 @@ def test_long_batches_renew_their_lease(
     counts = run_tick(short_leases, settings)
     short_leases.close()
     assert counts.sent == 6
-    assert len(seen) == 12 and set(seen) == {0}  # a message id and a send for each
+    assert len(seen) == 13 and set(seen) == {0}  # the sessions, then an id and a send for each
 
 
 # -- campaigns ------------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ class WahaSimulator:
         with self._lock:
             return [m for m in self.sent if m.chat_id == chat_id]
 
+    def message_requests(self) -> list[Request]:
+        """Every request made for a message: all but the session listing (GET /api/sessions)."""
+        with self._lock:
+            return [r for r in self.requests if r.path != "/api/sessions"]
+
     def requests_to(self, path: str) -> list[Request]:
         with self._lock:
             return [r for r in self.requests if r.path == path]

@@ -1,0 +1,52 @@
+"""Circuit breakers for WAHA: one per WhatsApp session, and one (`SERVER`) for the whole server.
+
+A breaker opens at once when WAHA says the session (or the server) cannot send: a refused API
+key, an unreachable server, a session that is not started or not WORKING. It opens after
+`threshold` consecutive failures of any other kind (5xx, timeouts, "try later"). While open, the
+session's messages are not claimed. After `cooldown` it is half-open: messages are claimed again,
+and the first answer closes it (a success) or opens it again (a failure).
+
+The state lives in the process, across ticks; a new process starts with every breaker closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+SERVER = "*"  # the key of the whole WAHA server's breaker
+
+
+@dataclass
+class _State:
+    failures: int = 0
+    open_until: datetime | None = None
+    reason: str = ""
+
+
+class Breakers:
+    def __init__(self, cooldown: timedelta, threshold: int = 3) -> None:
+        self.cooldown = cooldown
+        self.threshold = threshold
+        self._states: dict[str, _State] = {}
+
+    def open(self, now: datetime) -> dict[str, str]:
+        """The keys whose breaker is open now, with why; half-open ones are not listed."""
+        return {
+            key: state.reason
+            for key, state in self._states.items()
+            if state.open_until is not None and now < state.open_until
+        }
+
+    def succeeded(self, key: str) -> None:
+        self._states.pop(key, None)
+
+    def failed(self, key: str, now: datetime, reason: str, at_once: bool = False) -> bool:
+        """Count a failure; True when the breaker is (now) open."""
+        state = self._states.setdefault(key, _State())
+        state.failures += 1
+        half_open = state.open_until is not None  # its cool-down passed: one failure reopens it
+        if at_once or half_open or state.failures >= self.threshold:
+            state.open_until, state.reason = now + self.cooldown, reason
+            return True
+        return False
