@@ -16,6 +16,7 @@ from loguru import logger
 from pymongo.errors import PyMongoError
 
 from poller import __version__, log
+from poller.breaker import Breakers
 from poller.metrics import Metrics
 from poller.settings import Settings
 from poller.store import Store
@@ -32,6 +33,8 @@ class Poller:
         self.waha = WahaClient(
             settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds
         )
+        # WAHA's failures carry over from one tick to the next, for this process's lifetime.
+        self.breakers = Breakers(timedelta(seconds=settings.retry_seconds))
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
         self.tick_started: datetime | None = None
@@ -53,7 +56,9 @@ class Poller:
         began = time.monotonic()
         self.tick_started = datetime.now(UTC)
         try:
-            counts = tick(self.store, self.waha, self.settings.batch_size, stop=stop)
+            counts = tick(
+                self.store, self.waha, self.settings.batch_size, stop=stop, breakers=self.breakers
+            )
         finally:
             self.tick_started = None
         self.last_tick = (datetime.now(UTC), counts)

@@ -80,7 +80,11 @@ class Store:
             tz_aware=True,
             appname="poller",
             # Bounds every operation, server selection included: a hung server cannot hang a tick.
+            # Within it, a retryable read or write is retried (replica sets, sharded clusters).
             timeoutMS=int(settings.mongodb_timeout_seconds * 1000),
+            # A claim or an outcome acknowledged by a majority survives a failover.
+            w="majority",
+            retryWrites=True,
         )
         return cls(client, settings)
 
@@ -154,6 +158,22 @@ class Store:
             {**self.claimable(now), **(which or {})}, {"$set": {"lastError": reason}}
         )
 
+    def taken_over(self, now: datetime) -> Doc:
+        """Claims to take over: their lease lapsed less than the lookback window ago, or this
+        process holds them from a tick that failed half-way (ticks of one process never overlap).
+
+        A send in flight is taken over only under its pre-generated WAHA message id: sent again
+        under the same id, WAHA delivers it at most once.
+        """
+        return {
+            "leaseUntil": {"$gte": now - self.lookback},
+            "$and": [
+                {"$or": [{"leaseUntil": {"$lt": now}}, {"pickedBy": self.owner}]},
+                {"$or": [{"status": CLAIMED}, {"status": SENDING, "sendId": {"$type": "string"}}]},
+            ],
+            **NOT_DONE,
+        }
+
     def claim(self, now: datetime, limit: int, skip: Doc | None = None) -> list[Doc]:
         """Atomically take up to `limit` messages: lapsed claims first, then newly due ones.
         Messages matching `skip` (sessions that cannot send now) are left alone.
@@ -163,11 +183,7 @@ class Store:
         """
         until = now + self.lease
         taken: list[Doc] = []
-        lapsed: Doc = {
-            "status": CLAIMED,
-            "leaseUntil": {"$lt": now, "$gte": now - self.lookback},
-            **NOT_DONE,
-        }
+        lapsed = self.taken_over(now)
         pending = self.claimable(now)
         if skip:
             lapsed, pending = {**lapsed, "$nor": [skip]}, {**pending, "$nor": [skip]}
@@ -225,7 +241,14 @@ class Store:
             now,
             campaigns,
         )
-        in_doubt = {"status": SENDING, "leaseUntil": {"$lt": now}}
+        # A send in flight when its poller stopped (or its tick failed) that cannot be taken over.
+        in_doubt = {
+            "status": SENDING,
+            "$and": [
+                {"$or": [{"leaseUntil": {"$lt": now}}, {"pickedBy": self.owner}]},
+                {"$or": [{"sendId": {"$not": {"$type": "string"}}}, {"leaseUntil": {"$lt": late}}]},
+            ],
+        }
         unknown = self._settle(in_doubt, LEASE_INDEX, UNKNOWN, UNKNOWN_REASON, now, campaigns)
         undated = {
             "isPicked": {"$ne": True},

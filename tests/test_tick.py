@@ -12,7 +12,7 @@ from support import message, seconds, utcnow
 
 from poller.settings import Settings
 from poller.store import Store
-from poller.testing.waha import Request, WahaSimulator, engine_error
+from poller.testing.waha import Request, SentMessage, WahaSimulator, engine_error
 from poller.tick import TickCounts, tick
 from poller.waha import WahaClient
 
@@ -582,6 +582,53 @@ def test_a_send_interrupted_by_a_crash_is_unknown_not_resent(
     doc = get(store, message_id)
     assert doc["status"] == "unknown" and doc["isSent"] is False
     assert "may or may not have been delivered" in doc["lastError"]
+
+
+def test_a_send_interrupted_by_a_crash_under_a_message_id_is_sent_again_once(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    delivered, lost = "AAAA0000BBBB1111", "CCCC2222DDDD3333"
+    # The dead poller's first request reached WhatsApp; its second never left the host.
+    waha.sent.append(
+        SentMessage(
+            f"true_447700900123@c.us_{delivered}", "default", "447700900123@c.us", "Hello", 0.0
+        )
+    )
+    ids = [
+        add(
+            store,
+            scheduled_at=now - seconds(30),
+            isPicked=True,
+            status="sending",
+            pickedBy="dead-poller",
+            attempts=1,
+            sendId=send_id,
+            leaseUntil=now - seconds(1),
+        )
+        for send_id in (delivered, lost)
+    ]
+    counts = run_tick(store, settings, now=now)
+    assert (counts.claimed, counts.sent, counts.unknown) == (2, 2, 0)
+    assert sorted(m.id.rsplit("_", 1)[1] for m in waha.sent) == [delivered, lost]
+    for message_id in ids:
+        doc = get(store, message_id)
+        assert doc["status"] == "sent" and doc["attempts"] == 2
+    assert waha.message_requests()[0].path == "/api/sendText", "no new id: the old one is kept"
+
+
+def test_claims_left_by_a_failed_tick_are_taken_up_by_the_next(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    held = {"isPicked": True, "pickedBy": store.owner, "leaseUntil": now + seconds(100)}
+    claimed = add(store, scheduled_at=now, status="claimed", **held)
+    in_doubt = add(store, scheduled_at=now, chat_id="447700900999", status="sending", **held)
+    counts = run_tick(store, settings, now=now + seconds(1))
+    assert (counts.sent, counts.unknown) == (1, 1)
+    assert get(store, claimed)["status"] == "sent"
+    assert get(store, in_doubt)["status"] == "unknown", "sent without an id: not sent again"
+    assert [m.chat_id for m in waha.sent] == ["447700900123@c.us"]
 
 
 def test_a_slow_send_given_up_as_unknown_still_records_its_success(

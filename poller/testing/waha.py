@@ -8,6 +8,7 @@ wait when the session is not WORKING, 500 for engine errors) and records every r
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import threading
 import time
@@ -56,6 +57,10 @@ class WahaSimulator:
     # chatIds whose next send is delivered but answered only after `stall` seconds (a timeout).
     stall_after_send: set[str] = field(default_factory=set)
     stall: float = 0.0
+    # The share of sendText requests answered with an engine error (500); half of those are
+    # delivered first, as when WhatsApp took the message and the engine then threw.
+    error_rate: float = 0.0
+    seed: int = 0
     # Called with every request; whatever it returns (an error text) is kept in `violations`.
     validator: Callable[[Request], str | None] | None = None
 
@@ -65,6 +70,7 @@ class WahaSimulator:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        self._random = random.Random(self.seed)
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -78,6 +84,9 @@ class WahaSimulator:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: without this, Nagle's algorithm and the
+            # client's delayed ACK hold every answer back by about 40 ms.
+            disable_nagle_algorithm = True
 
             def do_GET(self) -> None:
                 simulator._handle(self, "GET")
@@ -214,6 +223,10 @@ class WahaSimulator:
         given = body.get("id") if self.message_ids else None
         message_id = f"true_{chat_id}_{given or secrets.token_hex(10).upper()}"
         with self._lock:
+            fault = self._random.random()
+        if fault < self.error_rate / 2:
+            return engine_error("Connection Closed")
+        with self._lock:
             # Like WAHA: a message id already sent is not sent again; the same message answers.
             message = next((m for m in self.sent if given and m.id == message_id), None)
             if message is None:
@@ -223,6 +236,8 @@ class WahaSimulator:
             self.stall_after_send.discard(chat_id)
         if stall:
             time.sleep(self.stall)  # delivered, but the answer comes too late
+        if fault < self.error_rate:
+            return engine_error("Timed Out")
         return 201, {
             "id": message.id,
             "timestamp": int(message.at),
