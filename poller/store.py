@@ -70,8 +70,10 @@ class Store:
         self.lookback = timedelta(seconds=settings.lookback_seconds)
         self.lease = timedelta(seconds=settings.lease_seconds)
         self.retry_delay = timedelta(seconds=settings.retry_seconds)
-        # A send holds its lease for the HTTP timeout plus room for the writes around it.
-        self.send_lease = timedelta(seconds=settings.waha_timeout_seconds + 30)
+        # A send holds its lease for the HTTP request and the write of its outcome, with slack.
+        self.send_lease = timedelta(
+            seconds=settings.waha_timeout_seconds + settings.mongodb_timeout_seconds + 5
+        )
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:

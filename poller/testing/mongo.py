@@ -1,10 +1,21 @@
-"""An embedded MongoDB-compatible server (SecantusDB) for the demo and the tests."""
+"""MongoDB-compatible servers (SecantusDB) for the demo, the tests and the soak benchmark."""
 
 from __future__ import annotations
 
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
 
 
 @contextmanager
@@ -23,3 +34,71 @@ def embedded_mongodb() -> Iterator[str]:
             yield str(server.uri)
         finally:
             server.stop()
+
+
+class MongoDaemon:
+    """SecantusDB as a process of its own (`secantusd-py`), on a fixed port and folder, so that it
+    can be killed and restarted with its data, and with the test commands (`configureFailPoint`)."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = Path(sys.executable).parent / "secantusd-py"
+        if not binary.exists():
+            raise SystemExit("poller: secantusd-py is not installed: pip install 'poller[test]'")
+        self.command = [str(binary), "--storage-path", str(folder), "--enable-test-commands"]
+        # Every commit reaches the disk, as journaled majority writes do on mongod: a killed
+        # server keeps what it acknowledged.
+        self.command += ["--sync-on-commit", "--log-level", "WARNING", "--port", str(_free_port())]
+        self.uri = f"mongodb://127.0.0.1:{self.command[-1]}/?directConnection=true"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MongoDaemon:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+        client: MongoClient[dict[str, Any]] = MongoClient(self.uri, serverSelectionTimeoutMS=500)
+        deadline = time.monotonic() + 30
+        try:
+            while True:
+                try:
+                    client.admin.command("ping")
+                    return self
+                except PyMongoError:
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise RuntimeError(f"{self.command[0]} did not start") from None
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """Stop at once, as a crash or a power cut would (SIGKILL)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+            self.process = None
+
+    def fail(self, commands: list[str], times: int, **data: Any) -> None:
+        """Make the next `times` of these commands fail (`configureFailPoint` `failCommand`)."""
+        client: MongoClient[dict[str, Any]] = MongoClient(self.uri)
+        try:
+            client.admin.command(
+                "configureFailPoint",
+                "failCommand",
+                mode={"times": times},
+                data={"failCommands": commands, **data},
+            )
+        finally:
+            client.close()
+
+
+@contextmanager
+def mongo_daemon() -> Iterator[MongoDaemon]:
+    folder = Path(tempfile.mkdtemp(prefix="poller-mongod-"))
+    daemon = MongoDaemon(folder)
+    try:
+        yield daemon.start()
+    finally:
+        daemon.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
