@@ -54,6 +54,8 @@ class WahaSimulator:
     # Pre-generated message ids (GET /api/{session}/new-message-id, `id` in sendText) as in
     # WAHA 2026.4.3+; False answers that route with 404, as older versions do.
     message_ids: bool = True
+    # session -> seconds: its sends are delivered, then answered that much later (timeouts).
+    slow_sessions: dict[str, float] = field(default_factory=dict)
     # chatIds whose next send is delivered but answered only after `stall` seconds (a timeout).
     stall_after_send: set[str] = field(default_factory=set)
     stall: float = 0.0
@@ -117,6 +119,11 @@ class WahaSimulator:
     def sends_to(self, chat_id: str) -> list[SentMessage]:
         with self._lock:
             return [m for m in self.sent if m.chat_id == chat_id]
+
+    def fail_randomly(self, rate: float, seed: int = 0) -> None:
+        """From now on answer `rate` of the sendText requests with a 500 (see `error_rate`)."""
+        with self._lock:
+            self.error_rate, self._random = rate, random.Random(seed)
 
     def message_requests(self) -> list[Request]:
         """Every request made for a message: all but the session listing (GET /api/sessions)."""
@@ -236,6 +243,7 @@ class WahaSimulator:
             self.stall_after_send.discard(chat_id)
         if stall:
             time.sleep(self.stall)  # delivered, but the answer comes too late
+        time.sleep(self.slow_sessions.get(str(session), 0.0))
         if fault < self.error_rate:
             return engine_error("Timed Out")
         return 201, {

@@ -1,0 +1,296 @@
+"""Faults: WAHA down, slow or failing; MongoDB failing or restarted; pollers killed mid-work.
+
+Every test ends with the same check: each message is final, and WAHA delivered each at most
+once (each test message has a chat of its own, so a duplicate shows as a second delivery).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import POLLER, environment, message, seconds, utcnow
+
+from poller.breaker import SERVER, Breakers
+from poller.settings import Settings
+from poller.store import FINAL, Store
+from poller.testing.mongo import MongoDaemon, mongo_daemon
+from poller.testing.waha import WahaSimulator
+from poller.tick import TickCounts, tick
+from poller.waha import WahaClient
+
+
+def chat(n: int) -> str:
+    return f"4477{n:08d}@c.us"
+
+
+def delivered_at_most_once(waha: WahaSimulator) -> Counter[str]:
+    per_chat = Counter(m.chat_id for m in waha.sent)
+    assert [c for c, n in per_chat.items() if n > 1] == [], "delivered twice"
+    return per_chat
+
+
+def check_final(store: Store, waha: WahaSimulator, total: int) -> Counter[str]:
+    """Every message final, each sent one delivered once, every other with a reason."""
+    per_chat = delivered_at_most_once(waha)
+    docs = list(store.messages.find())
+    assert len(docs) == total
+    for doc in docs:
+        assert doc.get("status") in FINAL, doc
+        if doc["status"] == "sent":
+            assert per_chat[doc["chatId"]] == 1, doc
+        else:
+            assert isinstance(doc.get("lastError"), str) and doc["lastError"], doc
+    return Counter(d["status"] for d in docs)
+
+
+class Ticker:
+    """One poller process's collaborators, kept across ticks, with a clock the test moves."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store, self.settings = store, settings
+        self.waha = WahaClient(settings.waha_url, settings.waha_api_key, 1.0)
+        self.breakers = Breakers(seconds(settings.retry_seconds))
+
+    def __call__(self, now: datetime) -> TickCounts:
+        return tick(self.store, self.waha, 5, now=now, breakers=self.breakers)
+
+
+@pytest.fixture
+def ticker(store: Store, settings: Settings) -> Iterator[Ticker]:
+    ticker = Ticker(store, settings)
+    yield ticker
+    ticker.waha.close()
+
+
+# -- WAHA -----------------------------------------------------------------------------------------
+
+
+def test_waha_down_for_a_while_then_back(store: Store, waha: WahaSimulator, ticker: Ticker) -> None:
+    port = int(waha.url.rsplit(":", 1)[1])
+    now = utcnow()
+    store.messages.insert_many([message(now, chat_id=chat(n)) for n in range(6)])
+    waha.stop()
+
+    assert ticker(now).claimed == 0
+    assert SERVER in ticker.breakers.open(now), "opens at once: the server is unreachable"
+    assert ticker(now + seconds(10)).claimed == 0, "open: WAHA is not even asked"
+    waha.start(port)
+    assert ticker(now + seconds(20)).claimed == 0, "still cooling down"
+    assert waha.requests == []
+    counts = ticker(now + seconds(31))  # half-open: the session listing is the probe
+    assert counts.sent == 6
+    assert check_final(store, waha, 6) == {"sent": 6}
+
+
+def test_slow_answers_open_the_session_breaker_and_never_deliver_twice(
+    store: Store, waha: WahaSimulator, ticker: Ticker
+) -> None:
+    waha.sessions["other"] = "WORKING"
+    waha.slow_sessions["default"] = 1.5  # past the 1 s timeout: delivered, answered too late
+    now = utcnow()
+    store.messages.insert_many([message(now, chat_id=chat(n)) for n in range(5)])
+    store.messages.insert_many([message(now, chat_id=chat(n), session="other") for n in (5, 6)])
+
+    counts = ticker(now)
+    assert counts.sent == 2, "the other session goes on"
+    assert len(waha.requests_to("/api/sendText")) == 5, "3 timeouts open the breaker"
+    assert "default" in ticker.breakers.open(now)
+    waiting = store.messages.count_documents({"session": "default", "status": "retry"})
+    assert waiting == 5 and counts.retried == 5
+
+    waha.slow_sessions.clear()  # WAHA is quick again
+    counts = ticker(now + seconds(31))
+    assert counts.sent == 5
+    assert check_final(store, waha, 7) == {"sent": 7}
+    assert len(waha.sent) == 7, "the three timed-out sends went again under their ids"
+
+
+def test_one_failure_in_half_open_reopens_and_one_success_closes(
+    store: Store, waha: WahaSimulator, ticker: Ticker
+) -> None:
+    now = utcnow()
+    breakers = ticker.breakers
+    assert not breakers.failed("default", now, "500") and not breakers.failed("default", now, "x")
+    breakers.succeeded("default")
+    assert not breakers.failed("default", now, "after a success the count starts again")
+    assert not breakers.failed("default", now, "2")
+    assert breakers.failed("default", now, "3: open")
+    assert breakers.open(now + seconds(29)) == {"default": "3: open"}
+    half_open = now + seconds(31)
+    assert breakers.open(half_open) == {}
+    assert breakers.failed("default", half_open, "one failure reopens it")
+    assert "default" in breakers.open(half_open + seconds(1))
+    breakers.succeeded("default")
+    assert breakers.open(half_open + seconds(1)) == {}
+
+
+def test_random_engine_errors_fail_their_messages_and_the_rest_go_out(
+    store: Store, waha: WahaSimulator, ticker: Ticker
+) -> None:
+    waha.sessions = {"s1": "WORKING", "s2": "WORKING", "s3": "WORKING"}
+    waha.fail_randomly(0.1, seed=7)
+    now = utcnow()
+    total = 60
+    store.messages.insert_many(
+        [message(now, chat_id=chat(n), session=f"s{n % 3 + 1}") for n in range(total)]
+    )
+    for step in range(0, 240, 31):  # until every breaker has closed again
+        ticker(now + seconds(step))
+        if store.messages.count_documents({"status": {"$nin": list(FINAL)}}) == 0:
+            break
+    outcomes = check_final(store, waha, total)
+    assert outcomes["sent"] >= total * 0.75 and outcomes["failed"] >= 1
+    assert set(outcomes) <= {"sent", "failed"}
+    for doc in store.messages.find({"status": "failed"}):
+        assert "WAHA failed while sending (500" in doc["lastError"]
+        assert len(waha.sends_to(doc["chatId"])) <= 1, "a 500 is never sent again"
+
+
+# -- MongoDB --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def daemon() -> Iterator[MongoDaemon]:
+    with mongo_daemon() as running:
+        yield running
+
+
+def start_pollers(
+    settings: Settings, n: int, logs: Path, **extra: str
+) -> list[subprocess.Popen[Any]]:
+    env = environment(
+        settings,
+        POLL_INTERVAL_SECONDS="1",
+        LEASE_SECONDS="3",
+        RETRY_SECONDS="1",
+        WAHA_TIMEOUT_SECONDS="2",
+        MONGODB_TIMEOUT_SECONDS="2",
+        **extra,
+    )
+    processes = []
+    for i in range(n):
+        with (logs / f"poller-{i}.log").open("w") as log:
+            processes.append(subprocess.Popen(POLLER + ["run"], env=env, stderr=log, cwd=logs))
+    return processes
+
+
+def stop_pollers(processes: list[subprocess.Popen[Any]]) -> list[int | None]:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    return [process.wait(timeout=60) for process in processes]
+
+
+def wait_until(done: Callable[[], bool], limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def settled(store: Store) -> Callable[[], bool]:
+    return lambda: store.messages.count_documents({"status": {"$nin": list(FINAL)}}) == 0
+
+
+def test_failing_mongodb_commands_lose_nothing_and_send_nothing_twice(
+    daemon: MongoDaemon,
+    make_settings: Callable[..., Settings],
+    waha: WahaSimulator,
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(mongodb_uri=daemon.uri)
+    store = Store.connect(settings)
+    now = utcnow()
+    store.messages.insert_many([message(now + seconds(2), chat_id=chat(n)) for n in range(40)])
+    # Non-retryable failures of writes and reads, and dropped connections, as the ticks start.
+    daemon.fail(["update", "find"], 4, errorCode=2, errmsg="injected")
+    [poller] = start_pollers(settings, 1, tmp_path)
+    try:
+        wait_until(lambda: len(waha.sent) >= 10, 60)
+        daemon.fail(["update"], 3, closeConnection=True)
+        daemon.fail(["findAndModify", "update", "find"], 5, errorCode=2)
+        wait_until(settled(store), 90)
+        assert poller.poll() is None, "still running"
+    finally:
+        assert stop_pollers([poller]) == [0]
+    assert check_final(store, waha, 40) == {"sent": 40}
+    log = (tmp_path / "poller-0.log").read_text()
+    assert "MongoDB is unavailable" in log and log.rstrip().endswith("stopped")
+    store.close()
+
+
+def test_mongodb_restart_loses_nothing_and_sends_nothing_twice(
+    daemon: MongoDaemon,
+    make_settings: Callable[..., Settings],
+    waha: WahaSimulator,
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(mongodb_uri=daemon.uri)
+    store = Store.connect(settings)
+    now = utcnow()
+    waha.latency = 0.05
+    store.messages.insert_many([message(now + seconds(1), chat_id=chat(n)) for n in range(60)])
+    processes = start_pollers(settings, 2, tmp_path)
+    try:
+        wait_until(lambda: len(waha.sent) >= 15, 60)
+        daemon.kill()  # a crash: only what it acknowledged survives
+        time.sleep(2)
+        daemon.start()
+        wait_until(settled(store), 90)
+        assert [p.poll() for p in processes] == [None, None], "both kept running"
+    finally:
+        assert stop_pollers(processes) == [0, 0]
+    outcomes = check_final(store, waha, 60)
+    # A send whose outcome could not be written is in doubt; under its message id it is sent
+    # again and WAHA answers with the same message.
+    assert outcomes == {"sent": 60}, outcomes
+    store.close()
+
+
+# -- replicas -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)  # about 2 minutes on SecantusDB, whose writes are the bottleneck
+def test_four_replicas_one_killed_send_every_message_exactly_once(
+    daemon: MongoDaemon,
+    make_settings: Callable[..., Settings],
+    waha: WahaSimulator,
+    tmp_path: Path,
+) -> None:
+    waha.sessions = {"s1": "WORKING", "s2": "WORKING", "s3": "WORKING"}
+    settings = make_settings(mongodb_uri=daemon.uri)
+    store = Store.connect(settings)
+    store.ensure_indexes()
+    total = 2000
+    now = utcnow()
+    store.messages.insert_many(
+        [
+            message(now + seconds(3), chat_id=chat(n), session=f"s{n % 3 + 1}", content=str(n))
+            for n in range(total)
+        ]
+    )
+    processes = start_pollers(settings, 4, tmp_path, BATCH_SIZE="10")
+    try:
+        wait_until(lambda: len(waha.sent) >= total // 4, 120)
+        processes[0].send_signal(signal.SIGKILL)  # in the middle of its work
+        processes[0].wait()
+        wait_until(settled(store), 240)
+    finally:
+        codes = stop_pollers(processes)
+    assert codes == [-signal.SIGKILL, 0, 0, 0]
+    outcomes = check_final(store, waha, total)
+    # Its claims went to the others after the lease; its send in flight went again under the
+    # same message id, which WAHA delivers once.
+    assert outcomes == {"sent": total}, outcomes
+    assert sorted(m.text for m in waha.sent) == sorted(str(n) for n in range(total))
+    killed = store.messages.count_documents({"attempts": {"$gt": 1}})
+    print(f"sent {total} over 3 sessions with 4 replicas; {killed} sent again under their id")
+    store.close()
