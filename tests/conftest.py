@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from pymongo import MongoClient
+from support import API_KEY, SECRETS, SUITE_LOGS
 
 from poller.settings import Settings
 from poller.store import Store
@@ -19,7 +21,36 @@ from poller.testing.waha import Request, WahaSimulator
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI = Path(os.environ.get("WAHA_OPENAPI", ROOT.parent / "shared" / "waha" / "openapi.json"))
-API_KEY = "test-key-9f8e7d6c"
+LOGS_CHECK = "test_log.py::test_no_secret_in_any_log_line_of_the_suite"
+
+
+# -- every log line of the suite, for the secrets check -----------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["POLLER_TEST_LOGS"] = str(SUITE_LOGS[0])
+    paths = [str(ROOT / "tests" / "capture"), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SUITE_LOGS[0], ignore_errors=True)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    SUITE_LOGS[1].append(report.capstdout + report.capstderr + report.caplog)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The secrets check reads what every other test logged: it runs last."""
+    items.sort(key=lambda item: item.nodeid.endswith(LOGS_CHECK))
+
+
+@pytest.fixture(scope="session")
+def secrets() -> list[str]:
+    test_uri = os.environ.get("MONGODB_TEST_URI", "")
+    password = Settings(mongodb_uri=test_uri, mongodb_db="x").secrets if test_uri else []
+    return SECRETS + password
 
 
 @pytest.fixture(scope="session")

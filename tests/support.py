@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from poller.settings import Settings
+
+# Values no log line may ever show: the suite checks the logs of every poller run for them.
+API_KEY = "test-key-9f8e7d6c"
+MONGODB_PASSWORD = "pw-Zq81xLm"
+WRONG_KEY = "wrong-key-77x"
+SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY]
+# Processes the tests start copy their stderr into this folder (see capture/sitecustomize.py);
+# the output of each test's own process (pollers run in-process) is kept in the list.
+SUITE_LOGS = (Path(tempfile.mkdtemp(prefix="poller-test-logs-")), list[str]())
 
 # The poller command, as the tests start it.
 POLLER = [sys.executable, "-m", "poller"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from pymongo import MongoClient
-from support import POLLER, environment, message, seconds, utcnow
+from support import MONGODB_PASSWORD, POLLER, WRONG_KEY, environment, message, seconds, utcnow
 
 from poller.settings import Settings
 from poller.store import Store
@@ -126,14 +126,14 @@ def test_json_logs(settings: Settings, store: Store, waha: WahaSimulator, tmp_pa
 def test_secrets_never_reach_the_logs(
     mongo_uri: str, settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
-    password = "pw-Zq81xLm"
+    password = MONGODB_PASSWORD
     admin: MongoClient[dict[str, Any]] = MongoClient(mongo_uri)
     user = f"poller_{os.getpid()}_{time.monotonic_ns()}"
     admin[settings.mongodb_db].command("createUser", user, pwd=password, roles=["readWrite"])
     host = mongo_uri.split("://", 1)[1].split("/", 1)[0]
     good = f"mongodb://{user}:{password}@{host}/{settings.mongodb_db}"
     bad = f"mongodb://{user}:{password}-wrong@{host}/{settings.mongodb_db}"
-    wrong_key = "wrong-key-77x"
+    wrong_key = WRONG_KEY
 
     def once(**extra: str) -> subprocess.CompletedProcess[str]:
         store.messages.insert_one(message(utcnow(), chat_id=f"44770090{len(waha.requests):04d}"))
