@@ -6,6 +6,7 @@ once (each test message has a chat of its own, so a duplicate shows as a second 
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -294,3 +295,37 @@ def test_four_replicas_one_killed_send_every_message_exactly_once(
     killed = store.messages.count_documents({"attempts": {"$gt": 1}})
     print(f"sent {total} over 3 sessions with 4 replicas; {killed} sent again under their id")
     store.close()
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_a_tls_uri_works(
+    make_settings: Callable[..., Settings], waha: WahaSimulator, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    with mongo_daemon(tls=(cert, key)) as daemon:
+        assert "tls=true" in daemon.uri
+        settings = make_settings(mongodb_uri=daemon.uri)
+        store = Store.connect(settings)
+        store.messages.insert_one(message(utcnow(), chat_id=chat(1)))
+        result = subprocess.run(
+            POLLER + ["once"],
+            env=environment(settings),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "sent=1" in result.stderr and len(waha.sent) == 1
+        store.close()

@@ -40,7 +40,8 @@ class MongoDaemon:
     """SecantusDB as a process of its own (`secantusd-py`), on a fixed port and folder, so that it
     can be killed and restarted with its data, and with the test commands (`configureFailPoint`)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls`: a self-signed certificate for 127.0.0.1 and its key; clients trust it as CA."""
         binary = Path(sys.executable).parent / "secantusd-py"
         if not binary.exists():
             raise SystemExit("poller: secantusd-py is not installed: pip install 'poller[test]'")
@@ -49,6 +50,9 @@ class MongoDaemon:
         # server keeps what it acknowledged.
         self.command += ["--sync-on-commit", "--log-level", "WARNING", "--port", str(_free_port())]
         self.uri = f"mongodb://127.0.0.1:{self.command[-1]}/?directConnection=true"
+        if tls:
+            self.command += ["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])]
+            self.uri += f"&tls=true&tlsCAFile={tls[0]}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> MongoDaemon:
@@ -88,9 +92,9 @@ class MongoDaemon:
 
 
 @contextmanager
-def mongo_daemon() -> Iterator[MongoDaemon]:
+def mongo_daemon(tls: tuple[Path, Path] | None = None) -> Iterator[MongoDaemon]:
     folder = Path(tempfile.mkdtemp(prefix="poller-mongod-"))
-    daemon = MongoDaemon(folder)
+    daemon = MongoDaemon(folder, tls)
     try:
         yield daemon.start()
     finally:
