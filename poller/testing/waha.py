@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -73,6 +74,7 @@ class WahaSimulator:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._random = random.Random(self.seed)
+        self._connections: set[socket.socket] = set()
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -96,6 +98,25 @@ class WahaSimulator:
             def do_POST(self) -> None:
                 simulator._handle(self, "POST")
 
+            def setup(self) -> None:
+                super().setup()
+                with simulator._lock:
+                    simulator._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with simulator._lock:
+                    simulator._connections.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass  # the client gave up waiting (a timeout) or the simulator stopped
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except OSError:
+                    pass
+
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
@@ -105,10 +126,18 @@ class WahaSimulator:
         return self
 
     def stop(self) -> None:
+        """Go down like a WAHA server that stopped: connections kept alive are closed too."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self._connections.clear()
 
     def __enter__(self) -> WahaSimulator:
         return self.start()
