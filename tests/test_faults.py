@@ -264,7 +264,7 @@ def test_mongodb_restart_loses_nothing_and_sends_nothing_twice(
 
 @pytest.mark.timeout(400)  # about 2 minutes on SecantusDB, whose writes are the bottleneck
 def test_four_replicas_one_killed_send_every_message_exactly_once(
-    daemon: MongoDaemon, on_daemon: tuple[Settings, Store], waha: WahaSimulator, tmp_path: Path
+    on_daemon: tuple[Settings, Store], waha: WahaSimulator, tmp_path: Path
 ) -> None:
     waha.sessions = {"s1": "WORKING", "s2": "WORKING", "s3": "WORKING"}
     settings, store = on_daemon
