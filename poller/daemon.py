@@ -74,6 +74,7 @@ class Poller:
     def heartbeat(self) -> None:
         """Tell the web app, `poller check` and `poller status` that this process is alive."""
         last_at, last_counts = self.last_tick or (None, None)
+        sessions = self.waha.sessions()
         now = datetime.now(UTC)
         self.store.beat(
             {
@@ -87,9 +88,7 @@ class Poller:
                 "lastTickAt": last_at,
                 "lastTick": last_counts.totals() if last_counts else None,
                 # None when WAHA did not answer: nothing can be sent (README: "system down").
-                "wahaSessions": sessions
-                if isinstance(sessions := self.waha.sessions(), list)
-                else None,
+                "wahaSessions": sessions if isinstance(sessions, list) else None,
                 "tickRunningSince": self.tick_started,
             },
             now,

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from bson import ObjectId
 from pymongo import ASCENDING, MongoClient
@@ -45,6 +46,10 @@ UNKNOWN_REASON = (
     "The poller stopped while this message was being sent, so it may or may not have been "
     "delivered. It was not sent again, to avoid a duplicate: check the chat before resending."
 )
+DOUBT_REASON = (
+    "Not sent again: an earlier attempt may have reached WhatsApp, and the message is now too "
+    "late to try once more. Check the chat before resending."
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,9 @@ class Store:
         self.owner = f"{settings.instance_id}/{secrets.token_hex(4)}"
         self.lookback = timedelta(seconds=settings.lookback_seconds)
         self.lease = timedelta(seconds=settings.lease_seconds)
+        # A claim is taken over only while its message is less late than this: a claim made at
+        # the end of the lookback window by a poller that died is still sent once it lapses.
+        self.takeover_limit = self.lookback + self.lease
         self.retry_delay = timedelta(seconds=settings.retry_seconds)
         # A send holds its lease for the HTTP request and the write of its outcome, with slack.
         self.send_lease = timedelta(
@@ -77,6 +85,9 @@ class Store:
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
+        # A claim or an outcome acknowledged by a majority survives a failover; a `w` in the
+        # URI wins.
+        options: dict[str, Any] = {} if _uri_sets(settings.mongodb_uri, "w") else {"w": "majority"}
         client: MongoClient[Doc] = MongoClient(
             settings.mongodb_uri,
             tz_aware=True,
@@ -84,9 +95,7 @@ class Store:
             # Bounds every operation, server selection included: a hung server cannot hang a tick.
             # Within it, a retryable read or write is retried (replica sets, sharded clusters).
             timeoutMS=int(settings.mongodb_timeout_seconds * 1000),
-            # A claim or an outcome acknowledged by a majority survives a failover.
-            w="majority",
-            retryWrites=True,
+            **options,
         )
         return cls(client, settings)
 
@@ -148,11 +157,18 @@ class Store:
         }
 
     def of_sessions(self, names: Iterable[str]) -> Doc:
-        """Messages that name one of these WAHA sessions, directly or through `sessionId`."""
+        """Messages sent through one of these WAHA sessions: named by `session`, or else by
+        `sessionId` (as `prepare` reads them)."""
         names = list(names)
         ids = [d["_id"] for d in self.sessions.find({"name": {"$in": names}}, {"_id": 1})]
-        variants = [v for i in ids for v in id_variants(i)]
-        return {"$or": [{"session": {"$in": names}}, {"sessionId": {"$in": variants}}]}
+        by_id = {"sessionId": {"$in": [v for i in ids for v in id_variants(i)]}}
+        return {
+            "$or": [
+                {"session": {"$in": names}},
+                {**by_id, "session": {"$not": {"$type": "string"}}},
+                {**by_id, "session": ""},
+            ]
+        }
 
     def note_waiting(self, now: datetime, reason: str, which: Doc | None = None) -> None:
         """Say in lastError why due messages (of `which` sessions) are not being sent now."""
@@ -160,17 +176,21 @@ class Store:
             {**self.claimable(now), **(which or {})}, {"$set": {"lastError": reason}}
         )
 
+    def gone(self, now: datetime) -> Doc:
+        """Claims whose poller went away: their lease lapsed, or this process holds them from a
+        tick that failed half-way (the ticks of one process never overlap)."""
+        return {"$or": [{"leaseUntil": {"$lt": now}}, {"pickedBy": self.owner}]}
+
     def taken_over(self, now: datetime) -> Doc:
-        """Claims to take over: their lease lapsed less than the lookback window ago, or this
-        process holds them from a tick that failed half-way (ticks of one process never overlap).
+        """Claims to take over while their message is less than `takeover_limit` late.
 
         A send in flight is taken over only under its pre-generated WAHA message id: sent again
         under the same id, WAHA delivers it at most once.
         """
         return {
-            "leaseUntil": {"$gte": now - self.lookback},
+            "scheduledAt": {"$gte": now - self.takeover_limit},
             "$and": [
-                {"$or": [{"leaseUntil": {"$lt": now}}, {"pickedBy": self.owner}]},
+                self.gone(now),
                 {"$or": [{"status": CLAIMED}, {"status": SENDING, "sendId": {"$type": "string"}}]},
             ],
             **NOT_DONE,
@@ -199,15 +219,21 @@ class Store:
                 continue
             self.messages.update_many(
                 {"_id": {"$in": ids}, **query},
-                {
-                    "$set": {
-                        "isPicked": True,
-                        "status": CLAIMED,
-                        "pickedBy": self.owner,
-                        "pickedAt": now,
-                        "leaseUntil": until,
+                [
+                    {
+                        "$set": {
+                            "isPicked": True,
+                            # A send taken over in flight may have reached WhatsApp.
+                            "inDoubt": {
+                                "$or": [{"$eq": ["$status", SENDING]}, {"$eq": ["$inDoubt", True]}]
+                            },
+                            "status": CLAIMED,
+                            "pickedBy": self.owner,
+                            "pickedAt": now,
+                            "leaseUntil": until,
+                        }
                     }
-                },
+                ],
             )
             mine = {"_id": {"$in": ids}, "pickedBy": self.owner, "status": CLAIMED}
             taken.extend(self.messages.find(mine))
@@ -215,43 +241,53 @@ class Store:
         return taken
 
     def sweep(self, now: datetime) -> Swept:
-        """Expire what is too late to send, and settle claims whose poller went away."""
+        """Expire what is too late to send, and settle claims whose poller went away.
+
+        A message that may have reached WhatsApp already (`inDoubt`, or a send in flight that
+        cannot be taken over) ends `unknown`, never `expired`: "not sent" would invite a resend.
+        """
         campaigns: list[Any] = []
-        late = now - self.lookback
         window = int(self.lookback.total_seconds())
-        never_sent = {
-            "isPicked": {"$ne": True},
-            "scheduledAt": {"$lt": late},
-            **NOT_DONE,
+        late = {"isPicked": {"$ne": True}, "scheduledAt": {"$lt": now - self.lookback}, **NOT_DONE}
+        lapsed = {
+            "status": CLAIMED,
+            "leaseUntil": {"$lt": now},
+            "scheduledAt": {"$lt": now - self.takeover_limit},
         }
-        expired = self._settle(
-            never_sent,
-            CLAIM_INDEX,
-            EXPIRED,
-            f"Not sent: it was more than {window} s past its scheduled time when the poller "
-            "could send it.",
-            now,
-            campaigns,
-        )
-        abandoned = {"status": CLAIMED, "leaseUntil": {"$lt": late}}
-        expired += self._settle(
-            abandoned,
-            LEASE_INDEX,
-            EXPIRED,
-            f"Not sent: the poller that claimed it stopped, and no poller took it over within "
-            f"{window} s.",
-            now,
-            campaigns,
-        )
+        expired = unknown = 0
+        for query, hint, reason in (
+            (
+                late,
+                CLAIM_INDEX,
+                f"Not sent: it was more than {window} s past its scheduled time when the poller "
+                "could send it.",
+            ),
+            (
+                lapsed,
+                LEASE_INDEX,
+                "Not sent: the poller that claimed it stopped, and no poller took it over in time.",
+            ),
+        ):
+            expired += self._settle(
+                {**query, "inDoubt": {"$ne": True}}, hint, EXPIRED, reason, now, campaigns
+            )
+            unknown += self._settle(
+                {**query, "inDoubt": True}, hint, UNKNOWN, DOUBT_REASON, now, campaigns
+            )
         # A send in flight when its poller stopped (or its tick failed) that cannot be taken over.
         in_doubt = {
             "status": SENDING,
             "$and": [
-                {"$or": [{"leaseUntil": {"$lt": now}}, {"pickedBy": self.owner}]},
-                {"$or": [{"sendId": {"$not": {"$type": "string"}}}, {"leaseUntil": {"$lt": late}}]},
+                self.gone(now),
+                {
+                    "$or": [
+                        {"sendId": {"$not": {"$type": "string"}}},
+                        {"scheduledAt": {"$lt": now - self.takeover_limit}},
+                    ]
+                },
             ],
         }
-        unknown = self._settle(in_doubt, LEASE_INDEX, UNKNOWN, UNKNOWN_REASON, now, campaigns)
+        unknown += self._settle(in_doubt, LEASE_INDEX, UNKNOWN, UNKNOWN_REASON, now, campaigns)
         undated = {
             "isPicked": {"$ne": True},
             "scheduledAt": {"$not": {"$type": "date"}},
@@ -332,7 +368,7 @@ class Store:
                     "wahaMessageId": waha_message_id,
                     "lastError": None,
                 },
-                "$unset": {"leaseUntil": "", "retryAt": ""},
+                "$unset": {"leaseUntil": "", "retryAt": "", "inDoubt": ""},
             },
         )
         return result.modified_count == 1
@@ -352,12 +388,16 @@ class Store:
         message_ids: Iterable[Any],
         reason: str | None = None,
         retry_at: datetime | None = None,
+        in_doubt: bool = False,
     ) -> int:
-        """Give claims back: they become claimable again (after `retry_at`, when given)."""
+        """Give claims back: they become claimable again (after `retry_at`, when given).
+        `in_doubt`: the last attempt may have reached WhatsApp (it timed out)."""
         ids = list(message_ids)
         if not ids:
             return 0
         fields: Doc = {"isPicked": False, "status": RETRY if retry_at else PENDING}
+        if in_doubt:
+            fields["inDoubt"] = True
         if reason is not None:
             fields["lastError"] = reason
         if retry_at is not None:
@@ -468,6 +508,11 @@ class Store:
             "expired": by_status.get(EXPIRED, 0),
             "unknown": by_status.get(UNKNOWN, 0),
         }
+
+
+def _uri_sets(uri: str, option: str) -> bool:
+    """Whether a MongoDB URI sets this option (option names are not case-sensitive)."""
+    return option.lower() in {k.lower() for k in parse_qs(urlsplit(uri).query)}
 
 
 def id_variants(value: Any) -> list[Any]:

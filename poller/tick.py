@@ -11,9 +11,10 @@ from typing import Any
 
 from bson import ObjectId
 from loguru import logger
+from pymongo.errors import PyMongoError, WriteError
 
 from poller.breaker import SERVER, Breakers
-from poller.store import FAILED, UNKNOWN, Doc, Store
+from poller.store import FAILED, SENDING, UNKNOWN, Doc, Store
 from poller.waha import Outcome, Verdict, WahaClient
 
 # WhatsApp ids WAHA can send to: a person (c.us, lid), a group (g.us), a channel (newsletter).
@@ -102,13 +103,17 @@ def _sessions_not_working(
     """Ask WAHA once which sessions cannot send now; their messages are left unclaimed.
 
     Due messages that wait for a session (or for the whole server) say why in lastError.
-    When WAHA cannot be asked, its breaker opens and nothing is claimed this tick.
+    When WAHA cannot be reached or refuses the key, its breaker opens and nothing is claimed;
+    another failure to list counts towards opening it, and the tick goes on.
     """
     if SERVER not in breakers.open(now):
         listed = waha.sessions()
         if isinstance(listed, Outcome):
             counts.key_rejected = listed.verdict is Verdict.REJECTED_KEY
-            breakers.failed(SERVER, now, listed.reason, at_once=True)
+            at_once = counts.key_rejected or listed.unreachable
+            if not breakers.failed(SERVER, now, listed.reason, at_once):
+                logger.warning("{}; sending without it", listed.reason)
+                return set()  # a passing hiccup: each send's own answer still counts
             log = logger.error if counts.key_rejected else logger.warning
             log("nothing sent for {:g} s: {}", breakers.cooldown.total_seconds(), listed.reason)
         else:
@@ -153,38 +158,67 @@ def _send_batch(
             lease_until = clock() + store.lease
             store.extend(rest, lease_until)
 
-        ready = prepare(doc, store)
-        if isinstance(ready, str):
-            store.finish(doc["_id"], FAILED, ready, clock())
-            counts.failed += 1
-            logger.warning("message {} failed: {}", doc["_id"], ready)
-            continue
-        if ready.session in paused:
-            store.release([doc["_id"]], paused[ready.session], clock() + store.retry_delay)
-            counts.retried += 1
-            continue
-        # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
-        send_id = doc.get("sendId") if isinstance(doc.get("sendId"), str) else None
-        if not send_id:
-            got = waha.new_message_id(ready.session)
-            if isinstance(got, Outcome):
-                _record(store, doc, ready, got, clock(), breakers, counts)
-                continue
-            send_id = got
-        if not store.start_sending(doc["_id"], clock(), send_id):
-            store.release([doc["_id"]])
-            logger.warning("message {} was deleted or taken over meanwhile; skipped", doc["_id"])
-            continue
+        try:
+            _send_one(store, waha, doc, clock, paused, breakers, counts)
+        except WriteError as exc:
+            _unwritable(store, doc, exc, clock(), counts)
 
-        outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
-        if outcome.ambiguous and not send_id:
-            outcome = Outcome(
-                Verdict.UNKNOWN,
-                f"{outcome.reason}. WhatsApp may have the message, and this WAHA cannot "
-                "pre-generate message ids, so it was not sent again: check the chat before "
-                "resending.",
-            )
-        _record(store, doc, ready, outcome, clock(), breakers, counts)
+
+def _send_one(
+    store: Store,
+    waha: WahaClient,
+    doc: Doc,
+    clock: Callable[[], datetime],
+    paused: dict[str, str],
+    breakers: Breakers,
+    counts: TickCounts,
+) -> None:
+    ready = prepare(doc, store)
+    if isinstance(ready, str):
+        store.finish(doc["_id"], FAILED, ready, clock())
+        counts.failed += 1
+        logger.warning("message {} failed: {}", doc["_id"], ready)
+        return
+    if ready.session in paused:
+        store.release([doc["_id"]], paused[ready.session], clock() + store.retry_delay)
+        counts.retried += 1
+        return
+    # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
+    send_id = doc.get("sendId") if isinstance(doc.get("sendId"), str) else None
+    if not send_id:
+        got = waha.new_message_id(ready.session)
+        if isinstance(got, Outcome):
+            _record(store, doc, ready, got, clock(), breakers, counts)
+            return
+        send_id = got
+    if not store.start_sending(doc["_id"], clock(), send_id):
+        store.release([doc["_id"]])
+        logger.warning("message {} was deleted or taken over meanwhile; skipped", doc["_id"])
+        return
+
+    outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
+    if outcome.ambiguous and not send_id:
+        outcome = Outcome(
+            Verdict.UNKNOWN,
+            f"{outcome.reason}. WhatsApp may have the message, and this WAHA cannot "
+            "pre-generate message ids, so it was not sent again: check the chat before "
+            "resending.",
+        )
+    _record(store, doc, ready, outcome, clock(), breakers, counts)
+
+
+def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: TickCounts) -> None:
+    """MongoDB refuses to update this document as it is (a field of the wrong type, a schema
+    validator): it ends on its own, and the rest of the tick goes on."""
+    reason = f"MongoDB refused to update this message: {str(exc)[:200]}"
+    try:
+        current = store.messages.find_one({"_id": doc["_id"]}, {"status": 1}) or {}
+        in_flight = current.get("status") == SENDING
+        store.finish(doc["_id"], UNKNOWN if in_flight else FAILED, reason, now)
+    except PyMongoError as again:
+        reason += f"; and it could not be marked failed: {str(again)[:200]}"
+    counts.failed += 1
+    logger.error("message {} failed: {}", doc["_id"], reason)
 
 
 def _record(
@@ -221,7 +255,8 @@ def _record(
         counts.released += 1
         counts.key_rejected = True
     else:
-        store.release([message_id], outcome.reason, now + store.retry_delay)
+        retry_at = now + store.retry_delay
+        store.release([message_id], outcome.reason, retry_at, in_doubt=outcome.ambiguous)
         counts.retried += 1
         logger.info("message {} will be retried: {}", message_id, outcome.reason)
     _feed_breaker(breakers, ready.session, outcome, now)

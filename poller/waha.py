@@ -112,7 +112,7 @@ class WahaClient:
     def sessions(self) -> list[dict[str, str]] | Outcome:
         """Every session's name and status (`GET /api/sessions?all=true`), or why not."""
         try:
-            response = self._http.get("/api/sessions", params={"all": "true"}, timeout=5.0)
+            response = self._http.get("/api/sessions", params={"all": "true"})
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return self._unreachable(exc)
         except httpx.HTTPError as exc:

@@ -15,7 +15,7 @@ from poller.settings import Settings
 API_KEY = "test-key-9f8e7d6c"
 MONGODB_PASSWORD = "pw-Zq81xLm"
 WRONG_KEY = "wrong-key-77x"
-SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY]
+SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key"]
 # Processes the tests start copy their stderr into this folder (see capture/sitecustomize.py);
 # the output of each test's own process (pollers run in-process) is kept in the list.
 SUITE_LOGS = (Path(tempfile.mkdtemp(prefix="poller-test-logs-")), list[str]())

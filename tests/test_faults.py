@@ -114,11 +114,9 @@ def test_slow_answers_open_the_session_breaker_and_never_deliver_twice(
     assert len(waha.sent) == 7, "the three timed-out sends went again under their ids"
 
 
-def test_one_failure_in_half_open_reopens_and_one_success_closes(
-    store: Store, waha: WahaSimulator, ticker: Ticker
-) -> None:
+def test_one_failure_in_half_open_reopens_and_one_success_closes() -> None:
     now = utcnow()
-    breakers = ticker.breakers
+    breakers = Breakers(seconds(30))
     assert not breakers.failed("default", now, "500") and not breakers.failed("default", now, "x")
     breakers.succeeded("default")
     assert not breakers.failed("default", now, "after a success the count starts again")
@@ -137,7 +135,7 @@ def test_random_engine_errors_fail_their_messages_and_the_rest_go_out(
     store: Store, waha: WahaSimulator, ticker: Ticker
 ) -> None:
     waha.sessions = {"s1": "WORKING", "s2": "WORKING", "s3": "WORKING"}
-    waha.fail_randomly(0.1, seed=7)
+    waha.error_rate = 0.1  # drawn from a generator seeded at 0: the same faults every run
     now = utcnow()
     total = 60
     store.messages.insert_many(
@@ -150,9 +148,10 @@ def test_random_engine_errors_fail_their_messages_and_the_rest_go_out(
     outcomes = check_final(store, waha, total)
     assert outcomes["sent"] >= total * 0.75 and outcomes["failed"] >= 1
     assert set(outcomes) <= {"sent", "failed"}
+    requests = Counter(r.json()["chatId"] for r in waha.requests_to("/api/sendText"))
     for doc in store.messages.find({"status": "failed"}):
         assert "WAHA failed while sending (500" in doc["lastError"]
-        assert len(waha.sends_to(doc["chatId"])) <= 1, "a 500 is never sent again"
+        assert requests[doc["chatId"]] == 1, "a 500 is never sent again"
 
 
 # -- MongoDB --------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ def test_failing_mongodb_commands_lose_nothing_and_send_nothing_twice(
     store.messages.insert_many([message(now + seconds(2), chat_id=chat(n)) for n in range(40)])
     # Non-retryable failures of writes and reads, and dropped connections, as the ticks start.
     daemon.fail(["update", "find"], 4, errorCode=2, errmsg="injected")
-    [poller] = start_pollers(settings, 1, tmp_path)
+    [poller] = start_pollers(settings, 1, tmp_path, HEARTBEAT_SECONDS="3600")
     try:
         wait_until(lambda: len(waha.sent) >= 10, 60)
         daemon.fail(["update"], 3, closeConnection=True)  # retried by the driver
@@ -233,7 +232,7 @@ def test_failing_mongodb_commands_lose_nothing_and_send_nothing_twice(
         assert stop_pollers([poller]) == [0]
     assert check_final(store, waha, 40) == {"sent": 40}
     log = (tmp_path / "poller-0.log").read_text()
-    assert "MongoDB is unavailable" in log and log.rstrip().endswith("stopped")
+    assert "tick skipped, MongoDB is unavailable" in log and log.rstrip().endswith("stopped")
 
 
 def test_mongodb_restart_loses_nothing_and_sends_nothing_twice(
@@ -276,7 +275,8 @@ def test_four_replicas_one_killed_send_every_message_exactly_once(
             for n in range(total)
         ]
     )
-    processes = start_pollers(settings, 4, tmp_path, BATCH_SIZE="10")
+    # Slower than real time on SecantusDB: no message may expire while the run goes on.
+    processes = start_pollers(settings, 4, tmp_path, BATCH_SIZE="10", LOOKBACK_SECONDS="3600")
     try:
         wait_until(lambda: len(waha.sent) >= total // 4, 120)
         processes[0].send_signal(signal.SIGKILL)  # in the middle of its work
@@ -326,3 +326,13 @@ def test_a_tls_uri_works(
         assert result.returncode == 0, result.stderr
         assert "sent=1" in result.stderr and len(waha.sent) == 1
         store.close()
+
+
+def test_a_hiccup_in_the_session_listing_does_not_stop_sending(
+    store: Store, waha: WahaSimulator, ticker: Ticker
+) -> None:
+    waha.listing_fails = 1
+    now = utcnow()
+    store.messages.insert_one(message(now, chat_id=chat(1)))
+    assert ticker(now).sent == 1
+    assert ticker.breakers.open(now) == {}

@@ -285,7 +285,7 @@ def test_bad_request_fails(store: Store, settings: Settings, waha: WahaSimulator
     )
 
 
-def test_waha_unreachable_is_retried(
+def test_waha_unreachable_leaves_messages_unclaimed(
     store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
 ) -> None:
     settings = make_settings()
@@ -546,22 +546,93 @@ def test_live_claims_of_another_poller_are_left_alone(
     assert waha.message_requests() == []
 
 
-def test_claims_abandoned_too_long_expire(
+def test_claims_abandoned_too_long_expire_or_end_unknown_when_in_doubt(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     now = utcnow()
-    message_id = add(
-        store,
-        scheduled_at=now - seconds(900),
-        isPicked=True,
-        status="claimed",
-        pickedBy="dead-poller",
-        leaseUntil=now - seconds(settings.lookback_seconds + 1),
-    )
-    assert run_tick(store, settings, now=now).expired == 1
+    limit = settings.lookback_seconds + settings.lease_seconds
+    dead = {"isPicked": True, "pickedBy": "dead-poller", "leaseUntil": now - seconds(1)}
+    too_late = now - seconds(limit + 1)
+    claimed = add(store, scheduled_at=too_late, status="claimed", **dead)
+    # Taken over once from a send in flight, then its new poller died too.
+    doubtful = add(store, scheduled_at=too_late, status="claimed", inDoubt=True, **dead)
+    sending = add(store, scheduled_at=too_late, status="sending", sendId="AB12", **dead)
+    in_time = add(store, scheduled_at=now - seconds(limit - 5), status="claimed", **dead)
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.expired, counts.unknown, counts.sent) == (1, 2, 1)
+    doc = get(store, claimed)
+    assert doc["status"] == "expired" and "no poller took it over in time" in doc["lastError"]
+    for message_id in (doubtful, sending):
+        doc = get(store, message_id)
+        assert doc["status"] == "unknown" and "check the chat" in doc["lastError"].lower()
+    assert get(store, in_time)["status"] == "sent"
+    assert len(waha.sent) == 1
+
+
+def test_a_message_that_timed_out_and_then_expired_ends_unknown(
+    store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
+) -> None:
+    settings = make_settings(waha_timeout_seconds=0.5)
+    waha.slow_sessions["default"] = 1.0  # delivered, answered too late
+    now = utcnow()
+    message_id = add(store, scheduled_at=now)
+    assert run_tick(store, settings, now=now).retried == 1
+    waha.sessions["default"] = "STARTING"  # it cannot be tried again in time
+
+    counts = run_tick(store, settings, now=now + seconds(settings.lookback_seconds + 1))
+
+    assert counts.unknown == 1 and len(waha.sent) == 1
     doc = get(store, message_id)
-    assert doc["status"] == "expired" and "no poller took it over" in doc["lastError"]
-    assert waha.message_requests() == []
+    assert doc["status"] == "unknown" and "may have reached WhatsApp" in doc["lastError"]
+
+
+def test_a_live_send_of_another_poller_is_left_alone(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    live = {"isPicked": True, "pickedBy": "other", "leaseUntil": now + seconds(30)}
+    message_id = add(store, scheduled_at=now, status="sending", sendId="AB12", **live)
+    counts = run_tick(store, settings, now=now)
+    assert (counts.claimed, counts.unknown) == (0, 0)
+    assert get(store, message_id)["status"] == "sending" and waha.message_requests() == []
+
+
+def test_claims_of_a_paused_session_are_not_taken_over(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.sessions["default"] = "SCAN_QR_CODE"
+    now = utcnow()
+    dead = {"isPicked": True, "pickedBy": "dead-poller", "leaseUntil": now - seconds(1)}
+    message_id = add(store, scheduled_at=now, status="claimed", **dead)
+    assert run_tick(store, settings, now=now).claimed == 0
+    assert get(store, message_id)["pickedBy"] == "dead-poller"
+    waha.sessions["default"] = "WORKING"
+    assert run_tick(store, settings, now=now + seconds(1)).sent == 1
+
+
+def test_session_names_the_session_even_with_a_session_id(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.sessions["sales"] = "SCAN_QR_CODE"
+    store.sessions.insert_one({"_id": "s-sales", "name": "sales"})
+    message_id = add(store, session="default", sessionId="s-sales")
+    assert run_tick(store, settings).sent == 1
+    assert waha.sent[0].session == "default" and get(store, message_id)["status"] == "sent"
+
+
+def test_a_document_mongodb_refuses_to_update_fails_alone(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    poison = add(store, scheduled_at=now - seconds(1), attempts="x")  # $inc cannot count it
+    fine = add(store, scheduled_at=now, chat_id="447700900999")
+    counts = run_tick(store, settings, now=now)
+    assert (counts.failed, counts.sent) == (1, 1)
+    doc = get(store, poison)
+    assert doc["status"] == "failed" and "MongoDB refused to update" in doc["lastError"]
+    assert get(store, fine)["status"] == "sent" and len(waha.sent) == 1
 
 
 def test_a_send_interrupted_by_a_crash_is_unknown_not_resent(
@@ -614,7 +685,7 @@ def test_a_send_interrupted_by_a_crash_under_a_message_id_is_sent_again_once(
     for message_id in ids:
         doc = get(store, message_id)
         assert doc["status"] == "sent" and doc["attempts"] == 2
-    assert waha.message_requests()[0].path == "/api/sendText", "no new id: the old one is kept"
+    assert waha.requests_to("/api/default/new-message-id") == [], "the old ids are kept"
 
 
 def test_claims_left_by_a_failed_tick_are_taken_up_by_the_next(

@@ -55,6 +55,8 @@ class WahaSimulator:
     # Pre-generated message ids (GET /api/{session}/new-message-id, `id` in sendText) as in
     # WAHA 2026.4.3+; False answers that route with 404, as older versions do.
     message_ids: bool = True
+    # The next this many session listings (GET /api/sessions) fail with a 502, as behind a proxy.
+    listing_fails: int = 0
     # session -> seconds: its sends are delivered, then answered that much later (timeouts).
     slow_sessions: dict[str, float] = field(default_factory=dict)
     # chatIds whose next send is delivered but answered only after `stall` seconds (a timeout).
@@ -149,11 +151,6 @@ class WahaSimulator:
         with self._lock:
             return [m for m in self.sent if m.chat_id == chat_id]
 
-    def fail_randomly(self, rate: float, seed: int = 0) -> None:
-        """From now on answer `rate` of the sendText requests with a 500 (see `error_rate`)."""
-        with self._lock:
-            self.error_rate, self._random = rate, random.Random(seed)
-
     def message_requests(self) -> list[Request]:
         """Every request made for a message: all but the session listing (GET /api/sessions)."""
         with self._lock:
@@ -199,6 +196,9 @@ class WahaSimulator:
         if self.api_key is not None and request.headers.get("X-Api-Key") != self.api_key:
             return 401, {"message": "Unauthorized", "statusCode": 401}
         if request.method == "GET" and request.path == "/api/sessions":
+            if self.listing_fails > 0:
+                self.listing_fails -= 1
+                return 502, {"message": "Bad Gateway"}
             return 200, [self._session_info(name) for name in self.sessions]
         if request.method == "GET" and request.path.startswith("/api/sessions/"):
             name = request.path.removeprefix("/api/sessions/")
