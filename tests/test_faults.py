@@ -336,3 +336,13 @@ def test_a_hiccup_in_the_session_listing_does_not_stop_sending(
     store.messages.insert_one(message(now, chat_id=chat(1)))
     assert ticker(now).sent == 1
     assert ticker.breakers.open(now) == {}
+
+
+def test_writes_need_a_majority_unless_the_uri_says_otherwise(
+    make_settings: Callable[..., Settings], mongo_uri: str
+) -> None:
+    with_w = f"{mongo_uri}&w=1" if "?" in mongo_uri else f"{mongo_uri.rstrip('/')}/?w=1"
+    for uri, expected in ((mongo_uri, {"w": "majority"}), (with_w, {"w": 1})):
+        store = Store.connect(make_settings(mongodb_uri=uri))
+        assert store.client.write_concern.document == expected
+        store.close()
