@@ -211,14 +211,18 @@ def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: 
     """MongoDB refuses to update this document as it is (a field of the wrong type, a schema
     validator): it ends on its own, and the rest of the tick goes on."""
     reason = f"MongoDB refused to update this message: {str(exc)[:200]}"
+    status = FAILED
     try:
         current = store.messages.find_one({"_id": doc["_id"]}, {"status": 1}) or {}
-        in_flight = current.get("status") == SENDING
-        store.finish(doc["_id"], UNKNOWN if in_flight else FAILED, reason, now)
+        status = UNKNOWN if current.get("status") == SENDING else FAILED  # sent, perhaps
+        store.finish(doc["_id"], status, reason, now)
     except PyMongoError as again:
-        reason += f"; and it could not be marked failed: {str(again)[:200]}"
-    counts.failed += 1
-    logger.error("message {} failed: {}", doc["_id"], reason)
+        reason += f"; and it could not be marked {status}: {str(again)[:200]}"
+    if status == UNKNOWN:
+        counts.unknown += 1
+    else:
+        counts.failed += 1
+    logger.error("message {} {}: {}", doc["_id"], status, reason)
 
 
 def _record(
