@@ -62,6 +62,9 @@ REPLICA_ENV = {
     "WAHA_TIMEOUT_SECONDS": "2",
     "MONGODB_TIMEOUT_SECONDS": "2",
     "HEARTBEAT_SECONDS": "2",
+    # Faults, not pacing, are under test here: messages go out as fast as WAHA takes them.
+    "PACING_MIN_SECONDS": "0",
+    "PACING_MAX_SECONDS": "0",
 }
 # Settings of this process's environment that must not reach the replicas.
 SETTING_PREFIXES = (
@@ -78,6 +81,11 @@ SETTING_PREFIXES = (
     "MESSAGES_",
     "CAMPAIGNS_",
     "SESSIONS_",
+    "PACING",
+    "TYPING",
+    "DAILY_CAP",
+    "QUIET_HOURS",
+    "TIMEZONE",
 )
 
 # Wide enough for the failure reasons when the output goes to a file or a pipe.

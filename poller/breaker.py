@@ -11,6 +11,7 @@ The state lives in the process, across ticks; a new process starts with every br
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -29,24 +30,28 @@ class Breakers:
         self.cooldown = cooldown
         self.threshold = threshold
         self._states: dict[str, _State] = {}
+        self._lock = threading.Lock()  # sessions are sent for side by side
 
     def open(self, now: datetime) -> dict[str, str]:
         """The keys whose breaker is open now, with why; half-open ones are not listed."""
-        return {
-            key: state.reason
-            for key, state in self._states.items()
-            if state.open_until is not None and now < state.open_until
-        }
+        with self._lock:
+            return {
+                key: state.reason
+                for key, state in self._states.items()
+                if state.open_until is not None and now < state.open_until
+            }
 
     def succeeded(self, key: str) -> None:
-        self._states.pop(key, None)
+        with self._lock:
+            self._states.pop(key, None)
 
     def failed(self, key: str, now: datetime, reason: str, at_once: bool = False) -> bool:
         """Count a failure; True when the breaker is (now) open."""
-        state = self._states.setdefault(key, _State())
-        state.failures += 1
-        half_open = state.open_until is not None  # its cool-down passed: one failure reopens it
-        if at_once or half_open or state.failures >= self.threshold:
-            state.open_until, state.reason = now + self.cooldown, reason
-            return True
-        return False
+        with self._lock:
+            state = self._states.setdefault(key, _State())
+            state.failures += 1
+            half_open = state.open_until is not None  # cool-down passed: one failure reopens it
+            if at_once or half_open or state.failures >= self.threshold:
+                state.open_until, state.reason = now + self.cooldown, reason
+                return True
+            return False

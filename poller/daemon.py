@@ -18,6 +18,7 @@ from pymongo.errors import PyMongoError
 from poller import __version__, log
 from poller.breaker import Breakers
 from poller.metrics import Metrics
+from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
 from poller.tick import TickCounts, tick
@@ -35,6 +36,7 @@ class Poller:
         )
         # WAHA's failures carry over from one tick to the next, for this process's lifetime.
         self.breakers = Breakers(timedelta(seconds=settings.retry_seconds))
+        self.pacing = Pacing.from_settings(settings)
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
         self.tick_started: datetime | None = None
@@ -57,7 +59,12 @@ class Poller:
         self.tick_started = datetime.now(UTC)
         try:
             counts = tick(
-                self.store, self.waha, self.settings.batch_size, stop=stop, breakers=self.breakers
+                self.store,
+                self.waha,
+                self.settings.batch_size,
+                stop=stop,
+                breakers=self.breakers,
+                pacing=self.pacing,
             )
         finally:
             self.tick_started = None
@@ -70,6 +77,19 @@ class Poller:
                 due = -1  # the tick itself went through; only the backlog count is missing
             self.metrics.record(counts, time.monotonic() - began, due)
         return counts
+
+    def ticks_until(self, until: datetime, stop: threading.Event) -> TickCounts:
+        """Tick, then again at each paced session's next turn that comes before `until`;
+        the counts of all these ticks."""
+        total = TickCounts()
+        while True:
+            counts = self.tick(stop)
+            total.add(counts)
+            wake = counts.next_at
+            if wake is None or wake > until or counts.key_rejected:
+                return total
+            if stop.wait(max(0.0, (wake - datetime.now(UTC)).total_seconds())):
+                return total
 
     def heartbeat(self) -> None:
         """Tell the web app, `poller check` and `poller status` that this process is alive."""
@@ -117,13 +137,15 @@ class Poller:
 
 
 def once(settings: Settings) -> int:
-    """One tick. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the API key."""
+    """One tick, and more while a paced session's next turn comes within POLL_INTERVAL_SECONDS.
+    0 when it ran; 1 when MongoDB is unreachable or WAHA refused the API key."""
     stop = _stop_on_signals()
     poller = _open(settings, "MongoDB is unavailable")
     if poller is None:
         return 1
+    until = datetime.now(UTC) + timedelta(seconds=settings.poll_interval_seconds)
     try:
-        counts = poller.tick(stop)
+        counts = poller.ticks_until(until, stop)
     except PyMongoError as exc:
         logger.error("MongoDB is unavailable: {}", exc)
         return 1
@@ -181,7 +203,10 @@ def run(settings: Settings) -> int:
         if stop.is_set():
             return
         try:
-            poller.tick(stop)
+            counts = poller.tick(stop)
+            if counts.next_at is not None:
+                next_turn[0] = counts.next_at
+                wake.set()
         except PyMongoError as exc:
             logger.error("tick skipped, MongoDB is unavailable: {}", exc)
         except Exception:
@@ -193,6 +218,9 @@ def run(settings: Settings) -> int:
         except PyMongoError as exc:
             logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
 
+    # A tick hands the next session's turn to this thread, which brings the next tick forward.
+    next_turn = [datetime.now(UTC)]  # ticks never overlap: the last one's word is the latest
+    wake = threading.Event()
     scheduler = BackgroundScheduler(timezone=UTC)
     for job, seconds in (
         (safe_tick, settings.poll_interval_seconds),
@@ -201,6 +229,7 @@ def run(settings: Settings) -> int:
         scheduler.add_job(
             job,
             "interval",
+            id=job.__name__,
             seconds=seconds,
             next_run_time=datetime.now(UTC),
             max_instances=1,  # never two ticks (or two heartbeats) at once
@@ -210,8 +239,12 @@ def run(settings: Settings) -> int:
     scheduler.start()
     logger.info("running: a tick every {:g} s", settings.poll_interval_seconds)
 
-    while not stop.wait(1.0):
-        pass
+    # The scheduler is changed from this thread only: shutdown() holds its lock while it waits
+    # for the tick in progress, which must not be the one to ask for it.
+    while not stop.is_set():
+        if wake.wait(0.25):
+            wake.clear()
+            _tick_again_at(scheduler, next_turn[0])
     scheduler.shutdown(wait=True)  # waits for the tick in progress
     if server is not None:
         server.shutdown()
@@ -223,6 +256,15 @@ def run(settings: Settings) -> int:
     poller.close()
     logger.info("stopped")
     return 0
+
+
+def _tick_again_at(scheduler: BackgroundScheduler, when: datetime) -> None:
+    """Bring the next tick forward to `when` (a paced session's next turn)."""
+    job = scheduler.get_job("safe_tick")
+    # A moment from now at the earliest: this tick must have returned when the next one starts.
+    when = max(when, datetime.now(UTC) + timedelta(milliseconds=50))
+    if job is not None and job.next_run_time is not None and when < job.next_run_time:
+        scheduler.modify_job("safe_tick", next_run_time=when)
 
 
 def _stop_on_signals() -> threading.Event:

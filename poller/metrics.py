@@ -12,7 +12,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from poller.tick import TickCounts
 
-OUTCOMES = ("sent", "retried", "failed", "expired", "unknown")
+OUTCOMES = ("sent", "retried", "failed", "expired", "unknown", "cancelled")
 
 
 class Metrics:
@@ -20,7 +20,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.messages = Counter(
             "poller_messages",
-            "Messages by outcome: sent, retried, failed, expired, unknown.",
+            "Messages by outcome: sent, retried, failed, expired, unknown, cancelled.",
             ["outcome"],
             registry=self.registry,
         )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import time
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
@@ -43,6 +46,8 @@ class Settings:
     campaigns_collection: str = "campaigns"
     sessions_collection: str = "whatsappsessions"
     heartbeats_collection: str = "pollerheartbeats"
+    # One document per WhatsApp session: when it may send next, how many it sent today.
+    pacing_collection: str = "pollerpacing"
     # How often `poller run` writes its heartbeat; three missed beats and it counts as down.
     heartbeat_seconds: float = 10.0
     instance_id: str = ""
@@ -52,6 +57,20 @@ class Settings:
     health_host: str = "127.0.0.1"
     log_json: bool = False
     log_level: str = "INFO"
+    # A random gap between two messages of one session, as people leave: fixed or short gaps
+    # look automated to WhatsApp. Both 0 turn pacing off.
+    pacing_min_seconds: float = 10.0
+    pacing_max_seconds: float = 25.0
+    # Mark the chat seen and show "typing..." before each text, as WAHA advises.
+    typing: bool = False
+    # The longest "typing..." pause, however long the text.
+    typing_max_seconds: float = 8.0
+    # Messages per session per local day; None: no cap (a session's `dailyCap` overrides it).
+    daily_cap: int | None = None
+    # The zone of the daily cap's day and of the quiet hours.
+    timezone: str = "UTC"
+    # (start, end) local times between which nothing is sent; None: no quiet hours.
+    quiet_hours: tuple[time, time] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -93,7 +112,18 @@ class Settings:
             log_level=_choice(
                 env, "LOG_LEVEL", cls.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}
             ),
+            pacing_collection=_name(env, "PACING_COLLECTION", cls.pacing_collection),
+            **_pacing(env, cls.pacing_min_seconds, cls.pacing_max_seconds),
+            typing=_flag(env, "TYPING"),
+            typing_max_seconds=_number(env, "TYPING_MAX_SECONDS", cls.typing_max_seconds),
+            daily_cap=_cap(env, "DAILY_CAP"),
+            timezone=_timezone(env, "TIMEZONE", cls.timezone),
+            quiet_hours=_quiet_hours(env, "QUIET_HOURS"),
         )
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @property
     def secrets(self) -> list[str]:
@@ -136,6 +166,61 @@ def _number(env: Mapping[str, str], name: str, default: float, whole: bool = Fal
     if not value > 0 or value != value or value == float("inf"):
         raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
     return value
+
+
+def _pacing(env: Mapping[str, str], low: float, high: float) -> dict[str, float]:
+    values = {}
+    for name, default in (("PACING_MIN_SECONDS", low), ("PACING_MAX_SECONDS", high)):
+        raw = env.get(name, "").strip()
+        try:
+            value = float(raw) if raw else default
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"{name} must be 0 or more, got {raw!r}")
+        values[name] = value
+    low, high = values["PACING_MIN_SECONDS"], values["PACING_MAX_SECONDS"]
+    if low > high:
+        raise ConfigError(
+            f"PACING_MIN_SECONDS ({low:g}) must not be greater than PACING_MAX_SECONDS ({high:g})"
+        )
+    return {"pacing_min_seconds": low, "pacing_max_seconds": high}
+
+
+def _cap(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(
+            f"{name} must be a whole number of 1 or more (unset: no cap), got {raw!r}"
+        )
+    return int(raw)
+
+
+def _timezone(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    try:
+        ZoneInfo(raw)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"{name} must be an IANA time zone such as Europe/Rome or UTC, got {raw!r}"
+        ) from None
+    return raw
+
+
+def _quiet_hours(env: Mapping[str, str], name: str) -> tuple[time, time] | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    found = re.fullmatch(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})", raw)
+    hours = [int(g) for g in found.groups()] if found else []
+    if not found or hours[0] > 23 or hours[2] > 23 or hours[1] > 59 or hours[3] > 59:
+        raise ConfigError(f"{name} must be HH:MM-HH:MM such as 22:00-08:00, got {raw!r}")
+    start, end = time(hours[0], hours[1]), time(hours[2], hours[3])
+    if start == end:
+        raise ConfigError(f"{name} starts and ends at the same time, got {raw!r}")
+    return start, end
 
 
 def _port(env: Mapping[str, str], name: str) -> int | None:

@@ -93,6 +93,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         "failed": "failed (24 h)",
         "expired": "expired (24 h)",
         "unknown": "unknown (24 h)",
+        "cancelled": "cancelled (24 h)",
     }
     for label in labels.values():
         messages.add_column(label, justify="right")

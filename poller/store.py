@@ -6,8 +6,12 @@ A message moves through these states (the `status` field):
        ^               │                 │
        └── retry ──────┘ (release)       └─ lease lapsed ─> unknown
     pending/retry older than the lookback window ─> expired
+    not yet sent when its campaign is cancelled ─> cancelled
 
 `claimed` and `sending` are leases: `pickedBy` owns them until `leaseUntil`.
+
+A message is late from its `scheduledAt`, or from its `heldUntil` when the poller itself held
+it back (pacing, the daily cap, quiet hours, a paused campaign): that wait never expires it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, MongoClient
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import OperationFailure
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
 from poller.settings import Settings
 
@@ -31,8 +35,13 @@ Doc = dict[str, Any]
 
 PENDING, RETRY, CLAIMED, SENDING = "pending", "retry", "claimed", "sending"
 SENT, FAILED, EXPIRED, UNKNOWN = "sent", "failed", "expired", "unknown"
-FINAL = (SENT, FAILED, EXPIRED, UNKNOWN)
-CAMPAIGN_DONE = ("completed", "completed_with_failures", "cancelled")
+CANCELLED = "cancelled"
+FINAL = (SENT, FAILED, EXPIRED, UNKNOWN, CANCELLED)
+COMPLETED = ("completed", "completed_with_failures")
+# What the web app writes in a campaign's status to stop it for a while, or for good.
+PAUSED = "paused"
+# The outcome of Store.reserve: the session's turn to send, or why not.
+TAKEN, BUSY, CAPPED = "taken", "busy", "capped"
 # Any "yes" the web app may write in isSent / isDeleted keeps a message back.
 YES = [True, 1, "true"]
 NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
@@ -41,6 +50,8 @@ NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
+HOLD_INDEX = [("heldUntil", ASCENDING)]
+CAMPAIGN_STATUS_INDEX = [("status", ASCENDING)]
 
 UNKNOWN_REASON = (
     "The poller stopped while this message was being sent, so it may or may not have been "
@@ -68,6 +79,7 @@ class Store:
         self.campaigns: Collection[Doc] = self.db[settings.campaigns_collection]
         self.sessions: Collection[Doc] = self.db[settings.sessions_collection]
         self.heartbeats: Collection[Doc] = self.db[settings.heartbeats_collection]
+        self.pacing: Collection[Doc] = self.db[settings.pacing_collection]
         # A poller that missed three beats is down: each beat says it is alive until then.
         self.heartbeat_max_age = timedelta(seconds=3 * settings.heartbeat_seconds)
         # Unique per process, so that replicas sharing POLLER_INSTANCE_ID never share claims.
@@ -82,6 +94,15 @@ class Store:
         self.send_lease = timedelta(
             seconds=settings.waha_timeout_seconds + settings.mongodb_timeout_seconds + 5
         )
+        # A session's turn outlives a send that crashed half-way (typing included), so that a
+        # replica taking over never sends closer to it than the pacing gap.
+        self.turn_hold = self.send_lease + timedelta(
+            seconds=settings.typing_max_seconds + settings.pacing_max_seconds
+        )
+        # A message the poller holds back (pacing, a paused campaign) has its heldUntil moved
+        # up once it is this old, which leaves a poll interval to spare before it would expire.
+        spare = self.lookback - timedelta(seconds=settings.poll_interval_seconds)
+        self.hold_refresh = max(spare, timedelta()) / 2
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -104,13 +125,15 @@ class Store:
 
     def ensure_indexes(self) -> None:
         """Create the indexes the claim, the lease sweep and the rollup need (idempotent)."""
-        for keys, name, sparse in (
-            (CLAIM_INDEX, "poller_claim", False),
-            (LEASE_INDEX, "poller_lease", True),
-            (CAMPAIGN_INDEX, "poller_campaign", True),
+        for collection, keys, name, sparse in (
+            (self.messages, CLAIM_INDEX, "poller_claim", False),
+            (self.messages, LEASE_INDEX, "poller_lease", True),
+            (self.messages, CAMPAIGN_INDEX, "poller_campaign", True),
+            (self.messages, HOLD_INDEX, "poller_hold", True),
+            (self.campaigns, CAMPAIGN_STATUS_INDEX, "poller_campaign_status", False),
         ):
             try:
-                self.messages.create_index(keys, name=name, sparse=sparse)
+                collection.create_index(keys, name=name, sparse=sparse)
             except OperationFailure as exc:
                 if exc.code not in (85, 86):  # the same keys exist under another name or options
                     raise
@@ -148,13 +171,29 @@ class Store:
     # -- finding work -------------------------------------------------------------------------
 
     def claimable(self, now: datetime) -> Doc:
-        """Due, never-finished messages whose scheduled time is inside the lookback window."""
+        """Due, never-finished messages whose scheduled time is inside the lookback window
+        (and that the poller is not holding back)."""
         return {
             "isPicked": {"$ne": True},
             "scheduledAt": {"$gte": now - self.lookback, "$lte": now},
+            "heldUntil": {"$not": {"$type": "date"}},
             **NOT_DONE,
             "retryAt": {"$not": {"$gt": now}},
         }
+
+    def held(self, now: datetime) -> Doc:
+        """Due, never-finished messages the poller held back until a time inside the window."""
+        return {
+            "heldUntil": {"$gte": now - self.lookback, "$lte": now},
+            "isPicked": {"$ne": True},
+            "scheduledAt": {"$lte": now},
+            **NOT_DONE,
+            "retryAt": {"$not": {"$gt": now}},
+        }
+
+    def due(self, now: datetime) -> list[tuple[Doc, list[tuple[str, int]]]]:
+        """The queries of every message that may be sent now, each with the index it needs."""
+        return [(self.claimable(now), CLAIM_INDEX), (self.held(now), HOLD_INDEX)]
 
     def of_sessions(self, names: Iterable[str]) -> Doc:
         """Messages sent through one of these WAHA sessions: named by `session`, or else by
@@ -172,9 +211,34 @@ class Store:
 
     def note_waiting(self, now: datetime, reason: str, which: Doc | None = None) -> None:
         """Say in lastError why due messages (of `which` sessions) are not being sent now."""
-        self.messages.update_many(
-            {**self.claimable(now), **(which or {})}, {"$set": {"lastError": reason}}
-        )
+        for query, hint in self.due(now):
+            self.messages.update_many(
+                {"$and": [query, which or {}]}, {"$set": {"lastError": reason}}, hint=hint
+            )
+
+    def hold(
+        self, now: datetime, which: Doc, until: datetime | None = None, reason: str | None = None
+    ) -> int:
+        """Hold due messages (matching `which`) back: they are late from `until` on, not before.
+
+        With `until` (the daily cap, quiet hours) they are not claimed before it either.
+        Without it (pacing, a paused campaign) they stay claimable, and only those held for
+        a while are written, so that a long wait costs one write per message now and then.
+        """
+        fields: Doc = {"heldUntil": until or now}
+        if reason is not None:
+            fields["lastError"] = reason
+        stale = now - self.hold_refresh
+        held = 0
+        for query, hint in self.due(now):
+            extra = {}
+            if until is None:
+                extra = _due_before(stale)
+            result = self.messages.update_many(
+                {"$and": [query, which, extra]}, {"$set": fields}, hint=hint
+            )
+            held += result.modified_count
+        return held
 
     def gone(self, now: datetime) -> Doc:
         """Claims whose poller went away: their lease lapsed, or this process holds them from a
@@ -188,33 +252,33 @@ class Store:
         under the same id, WAHA delivers it at most once.
         """
         return {
-            "scheduledAt": {"$gte": now - self.takeover_limit},
             "$and": [
                 self.gone(now),
                 {"$or": [{"status": CLAIMED}, {"status": SENDING, "sendId": {"$type": "string"}}]},
+                _due_from(now - self.takeover_limit),
             ],
             **NOT_DONE,
         }
 
-    def claim(self, now: datetime, limit: int, skip: Doc | None = None) -> list[Doc]:
+    def claim(
+        self, now: datetime, limit: int, skip: Doc | None = None, one_per_session: bool = False
+    ) -> list[Doc]:
         """Atomically take up to `limit` messages: lapsed claims first, then newly due ones.
-        Messages matching `skip` (sessions that cannot send now) are left alone.
+        Messages matching `skip` (sessions or campaigns that cannot send now) are left alone;
+        `one_per_session` takes the oldest message of each session only (pacing).
 
         Each document is taken by one conditional update, so of two pollers racing for it
         exactly one wins; the other's update simply does not match.
         """
         until = now + self.lease
         taken: list[Doc] = []
-        lapsed = self.taken_over(now)
-        pending = self.claimable(now)
-        if skip:
-            lapsed, pending = {**lapsed, "$nor": [skip]}, {**pending, "$nor": [skip]}
-        for query, hint in ((lapsed, LEASE_INDEX), (pending, CLAIM_INDEX)):
+        for query, hint in [(self.taken_over(now), LEASE_INDEX), *self.due(now)]:
+            if skip:
+                query = {**query, "$nor": [skip]}
             room = limit - len(taken)
             if room <= 0:
                 break
-            oldest = self.messages.find(query, {"_id": 1}, hint=hint, sort=[(hint[-1][0], 1)])
-            ids = [d["_id"] for d in oldest.limit(room)]
+            ids = self._oldest(query, hint, room, one_per_session)
             if not ids:
                 continue
             self.messages.update_many(
@@ -240,6 +304,31 @@ class Store:
         taken.sort(key=_scheduled_key)
         return taken
 
+    def _oldest(
+        self, query: Doc, hint: list[tuple[str, int]], limit: int, one_per_session: bool
+    ) -> list[Any]:
+        order = hint[-1][0]
+        if not one_per_session:
+            found = self.messages.find(query, {"_id": 1}, hint=hint, sort=[(order, 1)])
+            return [d["_id"] for d in found.limit(limit)]
+        firsts = self.messages.aggregate(
+            [
+                {"$match": query},
+                {"$sort": {order: 1}},
+                {
+                    "$group": {
+                        "_id": {"session": "$session", "sessionId": "$sessionId"},
+                        "first": {"$first": "$_id"},
+                        "at": {"$first": f"${order}"},
+                    }
+                },
+                {"$sort": {"at": 1}},
+                {"$limit": limit},
+            ],
+            hint=dict(hint),  # aggregate takes a document, not a list of pairs
+        )
+        return [row["first"] for row in firsts]
+
     def sweep(self, now: datetime) -> Swept:
         """Expire what is too late to send, and settle claims whose poller went away.
 
@@ -248,20 +337,24 @@ class Store:
         """
         campaigns: list[Any] = []
         window = int(self.lookback.total_seconds())
-        late = {"isPicked": {"$ne": True}, "scheduledAt": {"$lt": now - self.lookback}, **NOT_DONE}
+        cutoff = now - self.lookback
+        base = {"isPicked": {"$ne": True}, **NOT_DONE}
+        # scheduledAt <= heldUntil: a message late from its heldUntil is late from scheduledAt.
+        late = {**base, "scheduledAt": {"$lt": cutoff}, "heldUntil": {"$not": {"$type": "date"}}}
+        late_held = {**base, "heldUntil": {"$lt": cutoff}}
         lapsed = {
             "status": CLAIMED,
             "leaseUntil": {"$lt": now},
-            "scheduledAt": {"$lt": now - self.takeover_limit},
+            **_due_before(now - self.takeover_limit),
         }
+        too_late = (
+            f"Not sent: it was more than {window} s past its scheduled time when the poller "
+            "could send it."
+        )
         expired = unknown = 0
         for query, hint, reason in (
-            (
-                late,
-                CLAIM_INDEX,
-                f"Not sent: it was more than {window} s past its scheduled time when the poller "
-                "could send it.",
-            ),
+            (late, CLAIM_INDEX, too_late),
+            (late_held, HOLD_INDEX, too_late),
             (
                 lapsed,
                 LEASE_INDEX,
@@ -282,7 +375,7 @@ class Store:
                 {
                     "$or": [
                         {"sendId": {"$not": {"$type": "string"}}},
-                        {"scheduledAt": {"$lt": now - self.takeover_limit}},
+                        _due_before(now - self.takeover_limit),
                     ]
                 },
             ],
@@ -337,10 +430,93 @@ class Store:
                         },
                     }
                 },
-                {"$unset": ["leaseUntil", "retryAt"]},
+                {"$unset": ["leaseUntil", "retryAt", "heldUntil"]},
             ],
         )
         return result.modified_count
+
+    def cancel(self, now: datetime) -> tuple[int, list[Any]]:
+        """End `cancelled` every message not yet sending of each campaign the web app cancelled
+        (and that the poller has not finished with). Returns the count and those campaigns."""
+        cancelled = [
+            c["_id"]
+            for c in self.campaigns.find(
+                {"status": CANCELLED, "completedAt": {"$exists": False}}, {"_id": 1}
+            )
+        ]
+        count = 0
+        for campaign_id in cancelled:
+            unsent = {
+                "campaignId": {"$in": id_variants(campaign_id)},
+                "status": {"$nin": [SENDING, *FINAL]},
+                **NOT_DONE,
+            }
+            reason = "Not sent: its campaign was cancelled."
+            count += self._settle(unsent, CAMPAIGN_INDEX, CANCELLED, reason, now, [])
+        return count, cancelled
+
+    def paused_campaigns(self) -> list[Any]:
+        found = self.campaigns.find({"status": PAUSED}, {"_id": 1})
+        return [v for c in found for v in id_variants(c["_id"])]
+
+    # -- pacing: one document per WhatsApp session, shared by every replica ----------------------
+
+    def reserve(self, session: str, now: datetime, day: str, cap: int | None) -> str:
+        """Take the session's turn to send: TAKEN, or BUSY (another message of it is being
+        sent, or its pacing gap has not passed), or CAPPED (it sent `cap` messages on `day`).
+
+        One conditional upsert: of two replicas asking at once, exactly one gets the turn.
+        """
+        if cap is not None and cap <= 0:
+            return CAPPED
+        query: Doc = {"_id": session, "nextAt": {"$lte": now}}
+        if cap is not None:
+            query["$or"] = [{"day": {"$ne": day}}, {"count": {"$lt": cap}}]
+        today = {"$eq": ["$day", day]}
+        try:
+            self.pacing.update_one(
+                query,
+                [
+                    {
+                        "$set": {
+                            "nextAt": now + self.turn_hold,
+                            "by": self.owner,
+                            "count": {
+                                "$cond": [today, {"$add": [{"$ifNull": ["$count", 0]}, 1]}, 1]
+                            },
+                            "day": day,
+                        }
+                    }
+                ],
+                upsert=True,
+            )
+            return TAKEN
+        except DuplicateKeyError:
+            current = self.pacing.find_one({"_id": session}) or {}
+        next_at = current.get("nextAt")
+        if isinstance(next_at, datetime) and next_at > now:
+            return BUSY
+        return CAPPED if cap is not None and current.get("day") == day else BUSY
+
+    def end_turn(self, session: str, next_at: datetime, sent: bool) -> None:
+        """Give the turn back: the session's next message waits until `next_at`. A turn that
+        sent nothing does not count towards the day's cap."""
+        update: Doc = {"$set": {"nextAt": next_at}}
+        if not sent:
+            update["$inc"] = {"count": -1}
+        self.pacing.update_one({"_id": session, "by": self.owner}, update)
+
+    def turns(self, now: datetime) -> dict[str, datetime]:
+        """Sessions that cannot send yet (a send in progress, or its gap), with until when."""
+        return {d["_id"]: d["nextAt"] for d in self.pacing.find({"nextAt": {"$gt": now}})}
+
+    def daily_caps(self, names: Iterable[str]) -> dict[str, Any]:
+        """The `dailyCap` each named session document sets, as written (validated by the caller)."""
+        found = self.sessions.find(
+            {"name": {"$in": list(names)}, "dailyCap": {"$exists": True, "$ne": None}},
+            {"name": 1, "dailyCap": 1},
+        )
+        return {d["name"]: d["dailyCap"] for d in found if isinstance(d.get("name"), str)}
 
     # -- one message's life --------------------------------------------------------------------
 
@@ -368,7 +544,7 @@ class Store:
                     "wahaMessageId": waha_message_id,
                     "lastError": None,
                 },
-                "$unset": {"leaseUntil": "", "retryAt": "", "inDoubt": ""},
+                "$unset": {"leaseUntil": "", "retryAt": "", "inDoubt": "", "heldUntil": ""},
             },
         )
         return result.modified_count == 1
@@ -379,7 +555,7 @@ class Store:
             {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
             {
                 "$set": {"status": status, "finishedAt": now, "lastError": reason},
-                "$unset": {"leaseUntil": "", "retryAt": ""},
+                "$unset": {"leaseUntil": "", "retryAt": "", "heldUntil": ""},
             },
         )
 
@@ -389,9 +565,11 @@ class Store:
         reason: str | None = None,
         retry_at: datetime | None = None,
         in_doubt: bool = False,
+        held_until: datetime | None = None,
     ) -> int:
         """Give claims back: they become claimable again (after `retry_at`, when given).
-        `in_doubt`: the last attempt may have reached WhatsApp (it timed out)."""
+        `in_doubt`: the last attempt may have reached WhatsApp (it timed out). `held_until`:
+        the poller holds them back until then (see `hold`)."""
         ids = list(message_ids)
         if not ids:
             return 0
@@ -402,6 +580,8 @@ class Store:
             fields["lastError"] = reason
         if retry_at is not None:
             fields["retryAt"] = retry_at
+        if held_until is not None:
+            fields["heldUntil"] = held_until
         result = self.messages.update_many(
             {"_id": {"$in": ids}, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
             {"$set": fields, "$unset": {"pickedBy": "", "leaseUntil": ""}},
@@ -443,7 +623,7 @@ class Store:
             )
         }
         running = self.campaigns.find(
-            {"status": {"$nin": list(CAMPAIGN_DONE)}, "stats": {"$exists": True}},
+            {"status": {"$nin": [*COMPLETED, CANCELLED]}, "stats": {"$exists": True}},
             {"name": 1, "status": 1, "stats": 1},
         ).limit(50)
         return {
@@ -462,21 +642,28 @@ class Store:
     # -- campaigns ------------------------------------------------------------------------------
 
     def rollup(self, campaign_ids: Iterable[Any], now: datetime) -> None:
-        """Recount each campaign; mark it completed once none of its messages can still be sent."""
+        """Recount each campaign; mark it completed once none of its messages can still be sent.
+        A cancelled campaign keeps its status and gets `completedAt` once nothing is in flight."""
         for campaign_id in campaign_ids:
             stats = self.campaign_stats(campaign_id)
-            unfinished = stats["total"] - stats["sent"] - stats["failed"] - stats["expired"]
+            ended = stats["sent"] + stats["failed"] + stats["expired"] + stats["cancelled"]
+            done = "completed" if stats["sent"] == stats["total"] else "completed_with_failures"
             fields: Doc = {"stats": stats}
-            if stats["total"] > 0 and unfinished == 0:
-                fields["status"] = (
-                    "completed" if stats["sent"] == stats["total"] else "completed_with_failures"
-                )
+            if ended == stats["total"] > 0:
+                cancelled = {"$eq": ["$status", CANCELLED]}
+                fields["status"] = {"$cond": [cancelled, CANCELLED, done]}
                 fields["completedAt"] = now
             # A finished campaign's numbers were final when it finished: never overwrite them.
-            self.campaigns.update_one(
-                {"_id": {"$in": id_variants(campaign_id)}, "status": {"$nin": list(CAMPAIGN_DONE)}},
-                {"$set": fields},
-            )
+            unfinished = {
+                "_id": {"$in": id_variants(campaign_id)},
+                "status": {"$nin": list(COMPLETED)},
+                "completedAt": {"$exists": False},
+            }
+            self.campaigns.update_one(unfinished, [{"$set": fields}])
+            if stats["total"] == 0:  # a cancelled campaign without messages is done too
+                self.campaigns.update_one(
+                    {**unfinished, "status": CANCELLED}, {"$set": {"completedAt": now}}
+                )
 
     def campaign_stats(self, campaign_id: Any) -> dict[str, int]:
         by_status = {
@@ -507,7 +694,28 @@ class Store:
             "failed": by_status.get(FAILED, 0) + by_status.get(UNKNOWN, 0),
             "expired": by_status.get(EXPIRED, 0),
             "unknown": by_status.get(UNKNOWN, 0),
+            "cancelled": by_status.get(CANCELLED, 0),
         }
+
+
+def _due_before(time: datetime) -> Doc:
+    """Messages due (from heldUntil when held, else from scheduledAt) before `time`."""
+    return {
+        "$or": [
+            {"heldUntil": {"$lt": time}},
+            {"heldUntil": {"$not": {"$type": "date"}}, "scheduledAt": {"$lt": time}},
+        ]
+    }
+
+
+def _due_from(time: datetime) -> Doc:
+    """Messages due (from heldUntil when held, else from scheduledAt) at or after `time`."""
+    return {
+        "$or": [
+            {"heldUntil": {"$gte": time}},
+            {"heldUntil": {"$not": {"$type": "date"}}, "scheduledAt": {"$gte": time}},
+        ]
+    }
 
 
 def _uri_sets(uri: str, option: str) -> bool:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -14,7 +17,8 @@ from loguru import logger
 from pymongo.errors import PyMongoError, WriteError
 
 from poller.breaker import SERVER, Breakers
-from poller.store import FAILED, SENDING, UNKNOWN, Doc, Store
+from poller.pacing import Pacing
+from poller.store import BUSY, CAPPED, FAILED, SENDING, UNKNOWN, Doc, Store
 from poller.waha import Outcome, Verdict, WahaClient
 
 # WhatsApp ids WAHA can send to: a person (c.us, lid), a group (g.us), a channel (newsletter).
@@ -23,6 +27,9 @@ CHAT_ID = re.compile(
 )
 # A bare phone number, international format; spaces, dashes, dots and brackets are ignored.
 PHONE = re.compile(r"^\+?[\d\s().\-]+$")
+MIME_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
+# Sessions sent for side by side in one tick; more wait for the next round.
+MAX_PARALLEL_SESSIONS = 16
 
 
 @dataclass
@@ -33,27 +40,62 @@ class TickCounts:
     failed: int = 0
     expired: int = 0
     unknown: int = 0
+    cancelled: int = 0
+    # Held back by the daily cap or the quiet hours, until sending is allowed again.
+    held: int = 0
     released: int = 0
     key_rejected: bool = False
     # sentAt - scheduledAt of each message sent, in seconds (for the lateness metric).
     lateness: list[float] = field(default_factory=list)
+    # When a paced session may send its next message; `poller run` ticks again then.
+    next_at: datetime | None = None
 
     def totals(self) -> dict[str, int | bool]:
         """The counts alone, as written to the heartbeat and returned by run_once()."""
-        return {k: v for k, v in asdict(self).items() if k != "lateness"}
+        return {k: v for k, v in asdict(self).items() if k not in ("lateness", "next_at")}
+
+    def add(self, other: TickCounts) -> None:
+        """Add the counts of `other` (one session's sends, made in parallel) to these."""
+        for name, value in other.totals().items():
+            if name == "key_rejected":
+                self.key_rejected = self.key_rejected or bool(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+        self.lateness.extend(other.lateness)
 
     def summary(self) -> str:
         return (
             f"claimed={self.claimed} sent={self.sent} retried={self.retried} "
-            f"failed={self.failed} expired={self.expired} unknown={self.unknown}"
+            f"failed={self.failed} expired={self.expired} unknown={self.unknown} "
+            f"cancelled={self.cancelled} held={self.held}"
         )
+
+
+@dataclass(frozen=True)
+class Media:
+    file: dict[str, str]  # WAHA's `file`: mimetype, url or data, filename
+    caption: str | None
+    image: bool  # image/* goes through /api/sendImage, anything else through /api/sendFile
 
 
 @dataclass(frozen=True)
 class Ready:
     session: str
     chat_id: str
-    text: str
+    text: str  # the caption, for media
+    media: Media | None = None
+
+
+@dataclass(frozen=True)
+class _Tick:
+    """What every step of one tick works with."""
+
+    store: Store
+    waha: WahaClient
+    clock: Callable[[], datetime]
+    stop: threading.Event
+    breakers: Breakers
+    pacing: Pacing
 
 
 def tick(
@@ -63,6 +105,7 @@ def tick(
     now: datetime | None = None,
     stop: threading.Event | None = None,
     breakers: Breakers | None = None,
+    pacing: Pacing | None = None,
 ) -> TickCounts:
     """Run one tick and return its counts.
 
@@ -70,10 +113,18 @@ def tick(
     `stop` is checked between messages: once set, the message in flight finishes and the
     claims not yet started are released. `breakers` carry WAHA's failures from one tick to the
     next (a daemon keeps one); without it, this tick starts with every breaker closed.
+    `pacing` spaces each session's messages and sets the cap, quiet hours and typing; without
+    it, messages go out as fast as WAHA takes them.
     """
     clock: Callable[[], datetime] = (lambda: now) if now else (lambda: datetime.now(UTC))
-    stop = stop or threading.Event()
-    breakers = breakers or Breakers(store.retry_delay)
+    t = _Tick(
+        store,
+        waha,
+        clock,
+        stop or threading.Event(),
+        breakers or Breakers(store.retry_delay),
+        pacing or Pacing(),
+    )
     counts = TickCounts()
     campaigns: set[Any] = set()
 
@@ -81,33 +132,64 @@ def tick(
         swept = store.sweep(clock())
         counts.expired, counts.unknown, counts.failed = swept.expired, swept.unknown, swept.failed
         campaigns |= _campaign_ids(swept.campaigns)
+        counts.cancelled, cancelled = store.cancel(clock())
+        campaigns |= _campaign_ids(cancelled)
 
-        idle = _sessions_not_working(store, waha, breakers, clock(), counts)
-        while not stop.is_set() and SERVER not in breakers.open(clock()):
-            paused = idle | breakers.open(clock()).keys()
-            batch = store.claim(clock(), batch_size, store.of_sessions(paused) if paused else None)
+        idle = _sessions_not_working(t, counts)
+        quiet_until = t.pacing.quiet_until(clock())
+        if quiet_until is not None:
+            reason = (
+                f"Waiting for the end of the quiet hours ({t.pacing.describe_quiet()}) at "
+                f"{quiet_until.astimezone(t.pacing.zone):%Y-%m-%d %H:%M}."
+            )
+            counts.held += store.hold(clock(), {}, quiet_until, reason)
+            return counts
+        while not t.stop.is_set() and SERVER not in t.breakers.open(clock()):
+            batch = _claim(t, batch_size, idle)
             if not batch:
                 break
             counts.claimed += len(batch)
             campaigns |= _campaign_ids(d.get("campaignId") for d in batch)
-            _send_batch(store, waha, batch, clock, stop, breakers, counts)
+            _send_all(t, batch, counts)
+        if t.pacing.paced:
+            counts.next_at = min(store.turns(clock()).values(), default=None)
     finally:
         # Even after a failure: what was settled before it must show in its campaign.
         store.rollup(campaigns, clock())
     return counts
 
 
-def _sessions_not_working(
-    store: Store, waha: WahaClient, breakers: Breakers, now: datetime, counts: TickCounts
-) -> set[str]:
+def _claim(t: _Tick, batch_size: int, idle: set[str]) -> list[Doc]:
+    """Claim what can be sent now; keep alive what waits for its turn or a paused campaign."""
+    now = t.clock()
+    blocked = idle | t.breakers.open(now).keys()
+    waiting = t.store.turns(now).keys() - blocked if t.pacing.paced else set()
+    paused = t.store.paused_campaigns()
+    # The poller itself holds these back: that wait does not make them late.
+    if waiting:
+        t.store.hold(now, t.store.of_sessions(waiting))
+    if paused:
+        t.store.hold(now, {"campaignId": {"$in": paused}})
+    skip = []
+    if blocked | waiting:
+        skip.append(t.store.of_sessions(blocked | waiting))
+    if paused:
+        skip.append({"campaignId": {"$in": paused}})
+    return t.store.claim(
+        now, batch_size, {"$or": skip} if skip else None, one_per_session=t.pacing.paced
+    )
+
+
+def _sessions_not_working(t: _Tick, counts: TickCounts) -> set[str]:
     """Ask WAHA once which sessions cannot send now; their messages are left unclaimed.
 
     Due messages that wait for a session (or for the whole server) say why in lastError.
     When WAHA cannot be reached or refuses the key, its breaker opens and nothing is claimed;
     another failure to list counts towards opening it, and the tick goes on.
     """
+    store, breakers, now = t.store, t.breakers, t.clock()
     if SERVER not in breakers.open(now):
-        listed = waha.sessions()
+        listed = t.waha.sessions()
         if isinstance(listed, Outcome):
             counts.key_rejected = listed.verdict is Verdict.REJECTED_KEY
             at_once = counts.key_rejected or listed.unreachable
@@ -134,77 +216,182 @@ def _campaign_ids(values: Iterable[Any]) -> set[Any]:
     return {v for v in values if isinstance(v, ObjectId | str | int) and not isinstance(v, bool)}
 
 
-def _send_batch(
-    store: Store,
-    waha: WahaClient,
-    batch: list[Doc],
-    clock: Callable[[], datetime],
-    stop: threading.Event,
-    breakers: Breakers,
-    counts: TickCounts,
-) -> None:
-    lease_until = clock() + store.lease
+def _send_all(t: _Tick, batch: list[Doc], counts: TickCounts) -> None:
+    """Send each session's messages in order, the sessions side by side: one session's
+    typing pauses and gaps do not hold up another's."""
+    by_session: dict[str, list[Doc]] = {}
+    for doc in batch:
+        by_session.setdefault(repr((doc.get("session"), doc.get("sessionId"))), []).append(doc)
+    if len(by_session) == 1:
+        _send_batch(t, batch, counts)
+        return
+    with ThreadPoolExecutor(min(len(by_session), MAX_PARALLEL_SESSIONS)) as pool:
+        futures = [pool.submit(_send_batch_apart, t, docs) for docs in by_session.values()]
+    errors = []
+    for future in futures:
+        try:
+            counts.add(future.result())
+        except Exception as exc:  # re-raised below, once every session's counts are in
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _send_batch_apart(t: _Tick, batch: list[Doc]) -> TickCounts:
+    counts = TickCounts()
+    _send_batch(t, batch, counts)
+    return counts
+
+
+def _send_batch(t: _Tick, batch: list[Doc], counts: TickCounts) -> None:
+    store = t.store
+    lease_until = t.clock() + store.lease
     for position, doc in enumerate(batch):
         rest = [d["_id"] for d in batch[position:]]
-        if stop.is_set():
+        if t.stop.is_set():
             counts.released += store.release(rest)
             logger.info("released {} claimed message(s) not yet started", len(rest))
             return
-        paused = breakers.open(clock())
+        paused = t.breakers.open(t.clock())
         if SERVER in paused:
             counts.released += store.release(rest, paused[SERVER])
             return
-        if clock() > lease_until - store.lease / 2:
-            lease_until = clock() + store.lease
+        if t.clock() > lease_until - store.lease / 2:
+            lease_until = t.clock() + store.lease
             store.extend(rest, lease_until)
 
         try:
-            _send_one(store, waha, doc, clock, paused, breakers, counts)
+            _send_one(t, doc, paused, counts)
         except WriteError as exc:
-            _unwritable(store, doc, exc, clock(), counts)
+            _unwritable(store, doc, exc, t.clock(), counts)
 
 
-def _send_one(
-    store: Store,
-    waha: WahaClient,
-    doc: Doc,
-    clock: Callable[[], datetime],
-    paused: dict[str, str],
-    breakers: Breakers,
-    counts: TickCounts,
-) -> None:
+def _send_one(t: _Tick, doc: Doc, paused: dict[str, str], counts: TickCounts) -> None:
+    store = t.store
     ready = prepare(doc, store)
     if isinstance(ready, str):
-        store.finish(doc["_id"], FAILED, ready, clock())
+        store.finish(doc["_id"], FAILED, ready, t.clock())
         counts.failed += 1
         logger.warning("message {} failed: {}", doc["_id"], ready)
         return
     if ready.session in paused:
-        store.release([doc["_id"]], paused[ready.session], clock() + store.retry_delay)
+        store.release([doc["_id"]], paused[ready.session], t.clock() + store.retry_delay)
         counts.retried += 1
         return
-    # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
-    send_id = doc.get("sendId") if isinstance(doc.get("sendId"), str) else None
-    if not send_id:
-        got = waha.new_message_id(ready.session)
-        if isinstance(got, Outcome):
-            _record(store, doc, ready, got, clock(), breakers, counts)
-            return
-        send_id = got
-    if not store.start_sending(doc["_id"], clock(), send_id):
-        store.release([doc["_id"]])
-        logger.warning("message {} was deleted or taken over meanwhile; skipped", doc["_id"])
+    cap = daily_cap(store, ready.session, t.pacing.daily_cap)
+    if isinstance(cap, str):
+        store.release([doc["_id"]], cap, t.clock() + store.retry_delay)
+        counts.retried += 1
+        logger.warning("message {} waits: {}", doc["_id"], cap)
         return
+    takes_turn = t.pacing.paced or cap is not None
+    if takes_turn:
+        now = t.clock()
+        turn = store.reserve(ready.session, now, t.pacing.day(now).isoformat(), cap)
+        if turn == BUSY:  # another replica is sending for this session: back to the queue
+            counts.released += store.release([doc["_id"]])
+            return
+        if turn == CAPPED:
+            assert cap is not None
+            _hold_capped(t, doc, ready.session, cap, counts)
+            return
+    sent = False
+    try:
+        sent = _deliver(t, doc, ready, counts)
+    finally:
+        if takes_turn:
+            gap = t.pacing.gap() if sent else timedelta()
+            store.end_turn(ready.session, t.clock() + gap, sent)
 
-    outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
+
+def _hold_capped(t: _Tick, doc: Doc, session: str, cap: int, counts: TickCounts) -> None:
+    now = t.clock()
+    until = t.pacing.next_day(now)
+    reason = (
+        f"Waiting: WhatsApp session '{session}' sent its daily cap of {cap} message(s); it "
+        f"sends again from {until.astimezone(t.pacing.zone):%Y-%m-%d %H:%M} "
+        f"({t.pacing.zone.key})."
+    )
+    t.store.release([doc["_id"]], reason, held_until=until)
+    counts.held += 1 + t.store.hold(now, t.store.of_sessions([session]), until, reason)
+    logger.info("session '{}' reached its daily cap of {}: held until {}", session, cap, until)
+
+
+def _deliver(t: _Tick, doc: Doc, ready: Ready, counts: TickCounts) -> bool:
+    """Send one claimed message and record the outcome; True once a send request was made."""
+    store, waha = t.store, t.waha
+    send_id = None
+    if ready.media is None:
+        # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
+        send_id = doc.get("sendId") if isinstance(doc.get("sendId"), str) else None
+        if not send_id:
+            got = waha.new_message_id(ready.session)
+            if isinstance(got, Outcome):
+                _record(t, doc, ready, got, counts)
+                return False
+            send_id = got
+    if t.pacing.typing and not _type(t, ready):
+        counts.released += store.release([doc["_id"]])  # stopped while "typing"
+        return False
+    if not store.start_sending(doc["_id"], t.clock(), send_id):
+        store.release([doc["_id"]])
+        logger.warning(
+            "message {} was deleted, cancelled or taken over meanwhile; skipped", doc["_id"]
+        )
+        return False
+
+    if ready.media is None:
+        outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
+    else:
+        outcome = waha.send_media(
+            ready.session, ready.chat_id, ready.media.file, ready.media.caption, ready.media.image
+        )
     if outcome.ambiguous and not send_id:
+        why = (
+            "WAHA takes no message id for media"
+            if ready.media
+            else "this WAHA cannot pre-generate message ids"
+        )
         outcome = Outcome(
             Verdict.UNKNOWN,
-            f"{outcome.reason}. WhatsApp may have the message, and this WAHA cannot "
-            "pre-generate message ids, so it was not sent again: check the chat before "
-            "resending.",
+            f"{outcome.reason}. WhatsApp may have the message, and {why}, so it was not sent "
+            "again: check the chat before resending.",
         )
-    _record(store, doc, ready, outcome, clock(), breakers, counts)
+    _record(t, doc, ready, outcome, counts)
+    return True
+
+
+def _type(t: _Tick, ready: Ready) -> bool:
+    """Mark the chat seen and show "typing..." for a while, as a person would before sending.
+
+    Best effort: when WAHA refuses a step, the text is sent without it (its own answer then
+    says what is wrong). False when the poller was told to stop during the pause.
+    """
+    for path in ("/api/sendSeen", "/api/startTyping"):
+        outcome = t.waha.chat_action(path, ready.session, ready.chat_id)
+        if outcome.verdict is not Verdict.SENT:
+            logger.debug("no typing for {}: {} failed: {}", ready.chat_id, path, outcome.reason)
+            return True
+    stopped = t.stop.wait(t.pacing.typing_pause(ready.text))
+    t.waha.chat_action("/api/stopTyping", ready.session, ready.chat_id)
+    return not stopped
+
+
+def daily_cap(store: Store, session: str, default: int | None) -> int | str | None:
+    """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
+    A `dailyCap` that is not a whole number of 0 or more is a reason not to send."""
+    found = store.daily_caps([session])
+    if session not in found:
+        return default
+    value = found[session]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return (
+        f"dailyCap {_show(value)} of WhatsApp session '{session}' in {store.sessions.name} is "
+        "not a whole number of 0 or more: nothing is sent for this session until it is fixed."
+    )
 
 
 def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: TickCounts) -> None:
@@ -225,16 +412,8 @@ def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: 
     logger.error("message {} {}: {}", doc["_id"], status, reason)
 
 
-def _record(
-    store: Store,
-    doc: Doc,
-    ready: Ready,
-    outcome: Outcome,
-    now: datetime,
-    breakers: Breakers,
-    counts: TickCounts,
-) -> None:
-    message_id = doc["_id"]
+def _record(t: _Tick, doc: Doc, ready: Ready, outcome: Outcome, counts: TickCounts) -> None:
+    store, now, message_id = t.store, t.clock(), doc["_id"]
     if outcome.verdict is Verdict.SENT:
         if not store.mark_sent(message_id, outcome.message_id, now):
             logger.error(
@@ -263,7 +442,7 @@ def _record(
         store.release([message_id], outcome.reason, retry_at, in_doubt=outcome.ambiguous)
         counts.retried += 1
         logger.info("message {} will be retried: {}", message_id, outcome.reason)
-    _feed_breaker(breakers, ready.session, outcome, now)
+    _feed_breaker(t.breakers, ready.session, outcome, now)
 
 
 def _feed_breaker(breakers: Breakers, session: str, outcome: Outcome, now: datetime) -> None:
@@ -287,14 +466,20 @@ def _feed_breaker(breakers: Breakers, session: str, outcome: Outcome, now: datet
 def prepare(doc: Doc, store: Store) -> Ready | str:
     """Check a message against the data contract: what to send, or why it cannot be sent."""
     text = doc.get("content")
-    if not isinstance(text, str) or not text.strip():
+    media = None
+    if doc.get("media") is not None:
+        found = _media(doc["media"], text)
+        if isinstance(found, str):
+            return found
+        media, text = found, found.caption or ""
+    elif not isinstance(text, str) or not text.strip():
         return "The message has no text to send (content is empty or missing)."
     chat_id = normalise_chat_id(doc.get("chatId"))
     if chat_id is None:
         return f"chatId {_show(doc.get('chatId'))} is not a WhatsApp id or phone number."
     session = doc.get("session")
     if isinstance(session, str) and session.strip():
-        return Ready(session.strip(), chat_id, text)
+        return Ready(session.strip(), chat_id, text, media)
     session_id = doc.get("sessionId")
     if session_id is None or session_id == "":
         return "The message names no WhatsApp session (set session or sessionId)."
@@ -306,7 +491,41 @@ def prepare(doc: Doc, store: Store) -> Ready | str:
             f"sessionId {_show(session_id)} matches no WhatsApp session document with a name "
             f"in {store.sessions.name}."
         )
-    return Ready(name, chat_id, text)
+    return Ready(name, chat_id, text, media)
+
+
+def _media(raw: object, content: object) -> Media | str:
+    """WAHA's `file` and caption from a message's `media`, or why it cannot be sent."""
+    shape = "{url or data, mimetype, filename, caption}"
+    if not isinstance(raw, dict):
+        return f"media must be an object {shape}, but it is {_show(raw)}."
+    mimetype = raw.get("mimetype")
+    if not isinstance(mimetype, str) or not MIME_TYPE.match(mimetype.strip()):
+        return f"media.mimetype {_show(mimetype)} is not a MIME type such as image/jpeg."
+    url, data = raw.get("url"), raw.get("data")
+    if (url is None) == (data is None):
+        return "media needs either a url or base64 data (exactly one of them)."
+    file = {"mimetype": mimetype.strip()}
+    if url is not None:
+        if not isinstance(url, str) or not re.match(r"^https?://\S+$", url.strip()):
+            return f"media.url {_show(url)} is not an http:// or https:// URL."
+        file["url"] = url.strip()
+    else:
+        try:
+            if not isinstance(data, str) or not data:
+                raise ValueError
+            base64.b64decode(data, validate=True)
+        except (ValueError, binascii.Error):
+            return "media.data is not base64 (plain, without a data: prefix)."
+        file["data"] = data
+    for name in ("filename", "caption"):
+        if raw.get(name) is not None and not isinstance(raw.get(name), str):
+            return f"media.{name} must be text, but it is {_show(raw.get(name))}."
+    if raw.get("filename"):
+        file["filename"] = raw["filename"]
+    caption = raw.get("caption") or (content if isinstance(content, str) else None)
+    caption = caption if caption and caption.strip() else None
+    return Media(file, caption, file["mimetype"].lower().startswith("image/"))
 
 
 def normalise_chat_id(raw: object) -> str | None:

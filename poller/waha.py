@@ -42,13 +42,14 @@ class WahaClient:
         if api_key:
             headers["X-Api-Key"] = api_key
         self.base_url = base_url.rstrip("/")
+        self.timeout = timeout_seconds
         # False once this WAHA has shown it cannot pre-generate message ids (older versions).
         self.offers_ids = True
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
             # Connecting fails fast; the read waits past WAHA's 5 s session check.
-            timeout=httpx.Timeout(timeout_seconds, connect=min(5.0, timeout_seconds)),
+            timeout=_timeout(timeout_seconds),
         )
 
     def close(self) -> None:
@@ -61,8 +62,29 @@ class WahaClient:
         body = {"session": session, "chatId": chat_id, "text": text}
         if message_id:
             body["id"] = message_id
+        return self._post("/api/sendText", body, session)
+
+    def send_media(
+        self, session: str, chat_id: str, file: dict[str, str], caption: str | None, image: bool
+    ) -> Outcome:
+        """Send an image (`/api/sendImage`) or any other file (`/api/sendFile`): `file` holds
+        its mimetype, a url or base64 data, and optionally a filename."""
+        body: dict[str, Any] = {"session": session, "chatId": chat_id, "file": file}
+        if caption:
+            body["caption"] = caption
+        return self._post("/api/sendImage" if image else "/api/sendFile", body, session)
+
+    def chat_action(self, path: str, session: str, chat_id: str) -> Outcome:
+        """`/api/sendSeen`, `/api/startTyping` or `/api/stopTyping` for a chat; quick to give up,
+        since nothing depends on it."""
+        body = {"session": session, "chatId": chat_id}
+        return self._post(path, body, session, timeout=min(5.0, self.timeout))
+
+    def _post(
+        self, path: str, body: dict[str, Any], session: str, timeout: float | None = None
+    ) -> Outcome:
         try:
-            response = self._http.post("/api/sendText", json=body)
+            response = self._http.post(path, json=body, timeout=_timeout(timeout or self.timeout))
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return self._unreachable(exc)
         except httpx.WriteTimeout as exc:  # the request was not fully sent: WAHA cannot act on it
@@ -189,6 +211,10 @@ def _message_id(body: Any) -> str | None:
         if isinstance(key, dict) and isinstance(key.get("id"), str):
             return str(key["id"])
     return None
+
+
+def _timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(seconds, connect=min(5.0, seconds))
 
 
 def _kind(exc: Exception) -> str:

@@ -125,6 +125,9 @@ def make_settings(mongo_uri: str, db_name: str, waha: WahaSimulator) -> Callable
             "waha_timeout_seconds": 5.0,
             "mongodb_timeout_seconds": 5.0,
             "instance_id": f"test-{uuid.uuid4().hex[:6]}",
+            # Unpaced unless a test is about pacing: most tests send several messages at once.
+            "pacing_min_seconds": 0.0,
+            "pacing_max_seconds": 0.0,
         }
         values.update(overrides)
         return Settings(**values)

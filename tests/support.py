@@ -58,7 +58,8 @@ def seconds(n: float) -> timedelta:
 
 def environment(settings: Settings, **extra: str) -> dict[str, str]:
     """This process's environment with the poller settings of `settings` (and `extra`) only."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
+    prefixes = ("MONGODB", "WAHA", "LOG", "PACING", "TYPING", "DAILY_CAP", "QUIET", "TIMEZONE")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env.update(
         MONGODB_URI=settings.mongodb_uri,
         MONGODB_DB=settings.mongodb_db,
@@ -66,6 +67,8 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         WAHA_API_KEY=settings.waha_api_key,
         MONGODB_TIMEOUT_SECONDS="2",
         WAHA_TIMEOUT_SECONDS="10",
+        PACING_MIN_SECONDS=str(settings.pacing_min_seconds),
+        PACING_MAX_SECONDS=str(settings.pacing_max_seconds),
     )
     env.update(extra)
     return env

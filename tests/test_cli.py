@@ -239,7 +239,7 @@ def test_demo_sends_a_campaign(bare_env: dict[str, str], tmp_path: Path) -> None
         POLLER + ["demo"], env=bare_env, cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert "WAHA received 4 sendText request(s)" in result.stdout
+    assert "WAHA received 4 message(s) that went out, paced 2-4 s apart" in result.stdout
     assert "Campaign 'Spring sale': completed," in result.stdout
     assert "not-a-number               failed" in result.stdout
     assert "expired" in result.stdout

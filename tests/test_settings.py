@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import time
+
 import pytest
 
 from poller.settings import ConfigError, Settings
@@ -19,6 +21,9 @@ def test_defaults() -> None:
     assert settings.campaigns_collection == "campaigns"
     assert settings.sessions_collection == "whatsappsessions"
     assert settings.instance_id and not settings.log_json
+    assert (settings.pacing_min_seconds, settings.pacing_max_seconds) == (10.0, 25.0)
+    assert not settings.typing and settings.daily_cap is None and settings.quiet_hours is None
+    assert settings.timezone == "UTC"
 
 
 def test_overrides() -> None:
@@ -48,6 +53,24 @@ def test_overrides() -> None:
     assert settings.log_json and settings.log_level == "DEBUG"
 
 
+def test_humanized_sending() -> None:
+    settings = Settings.from_env(
+        {
+            **BASE,
+            "PACING_MIN_SECONDS": "0",
+            "PACING_MAX_SECONDS": "0",
+            "TYPING": "1",
+            "DAILY_CAP": "80",
+            "TIMEZONE": "Europe/Rome",
+            "QUIET_HOURS": "22:00 - 7:30",
+        }
+    )
+    assert (settings.pacing_min_seconds, settings.pacing_max_seconds) == (0.0, 0.0)
+    assert settings.typing and settings.daily_cap == 80
+    assert settings.zone.key == "Europe/Rome"
+    assert settings.quiet_hours == (time(22, 0), time(7, 30))
+
+
 def test_secrets_are_the_key_and_the_password() -> None:
     settings = Settings.from_env({**BASE, "WAHA_API_KEY": "key-1"})
     assert settings.secrets == ["key-1", "s3cret"]
@@ -68,6 +91,16 @@ def test_secrets_are_the_key_and_the_password() -> None:
         ({**BASE, "WAHA_TIMEOUT_SECONDS": "nan"}, "WAHA_TIMEOUT_SECONDS must be greater than 0"),
         ({**BASE, "MESSAGES_COLLECTION": "a$b"}, "MESSAGES_COLLECTION is not a valid"),
         ({**BASE, "LOG_LEVEL": "loud"}, "LOG_LEVEL must be one of"),
+        ({**BASE, "PACING_MIN_SECONDS": "-1"}, "PACING_MIN_SECONDS must be 0 or more"),
+        ({**BASE, "PACING_MAX_SECONDS": "soon"}, "PACING_MAX_SECONDS must be a number"),
+        ({**BASE, "PACING_MIN_SECONDS": "30"}, r"PACING_MIN_SECONDS \(30\) must not be greater"),
+        ({**BASE, "TYPING": "maybe"}, "TYPING must be 1 or 0"),
+        ({**BASE, "DAILY_CAP": "0"}, "DAILY_CAP must be a whole number of 1 or more"),
+        ({**BASE, "DAILY_CAP": "1.5"}, "DAILY_CAP must be a whole number"),
+        ({**BASE, "TIMEZONE": "Mars/Olympus"}, "TIMEZONE must be an IANA time zone"),
+        ({**BASE, "QUIET_HOURS": "22-8"}, "QUIET_HOURS must be HH:MM-HH:MM"),
+        ({**BASE, "QUIET_HOURS": "22:00-24:00"}, "QUIET_HOURS must be HH:MM-HH:MM"),
+        ({**BASE, "QUIET_HOURS": "08:00-08:00"}, "QUIET_HOURS starts and ends at the same time"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

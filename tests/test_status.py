@@ -123,7 +123,13 @@ def test_status(
     assert status.status(settings, as_json=True) == 0
     overview = json.loads(capsys.readouterr().out)
     assert overview["messages"] == {"dueNow": 1, "inProgress": 0, "scheduledLater": 1}
-    assert overview["last24h"] == {"sent": 1, "failed": 1, "expired": 1, "unknown": 0}
+    assert overview["last24h"] == {
+        "sent": 1,
+        "failed": 1,
+        "expired": 1,
+        "unknown": 0,
+        "cancelled": 0,
+    }
     [running] = overview["campaigns"]
     assert running["name"] == "Black Friday" and running["stats"]["total"] == 3
     assert [i["instance"] for i in overview["instances"]] == [settings.instance_id]

@@ -787,13 +787,27 @@ def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) 
     doc = store.campaigns.find_one({"_id": campaign})
     assert doc is not None
     assert doc["status"] == "running"
-    assert doc["stats"] == {"total": 3, "sent": 2, "failed": 0, "expired": 0, "unknown": 0}
+    assert doc["stats"] == {
+        "total": 3,
+        "sent": 2,
+        "failed": 0,
+        "expired": 0,
+        "unknown": 0,
+        "cancelled": 0,
+    }
 
     run_tick(store, settings, now=now + seconds(60))
     doc = store.campaigns.find_one({"_id": campaign})
     assert doc is not None
     assert doc["status"] == "completed" and doc["completedAt"] == now + seconds(60)
-    assert doc["stats"] == {"total": 3, "sent": 3, "failed": 0, "expired": 0, "unknown": 0}
+    assert doc["stats"] == {
+        "total": 3,
+        "sent": 3,
+        "failed": 0,
+        "expired": 0,
+        "unknown": 0,
+        "cancelled": 0,
+    }
 
 
 def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimulator) -> None:
@@ -810,7 +824,14 @@ def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimu
     doc = store.campaigns.find_one({"_id": ObjectId(campaign)})
     assert doc is not None
     assert doc["status"] == "completed_with_failures"
-    assert doc["stats"] == {"total": 3, "sent": 1, "failed": 1, "expired": 1, "unknown": 0}
+    assert doc["stats"] == {
+        "total": 3,
+        "sent": 1,
+        "failed": 1,
+        "expired": 1,
+        "unknown": 0,
+        "cancelled": 0,
+    }
 
 
 def test_campaign_referenced_both_ways_is_counted_whole(

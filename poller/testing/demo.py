@@ -26,6 +26,9 @@ def demo() -> int:
             waha_url=waha.url,
             waha_api_key=KEY,
             instance_id=default_instance_id(),
+            # Short gaps between the messages of one session, to show pacing in a few seconds.
+            pacing_min_seconds=2.0,
+            pacing_max_seconds=4.0,
         )
         poller = Poller(settings)
         try:
@@ -33,8 +36,9 @@ def demo() -> int:
             campaign_id = _schedule(poller, datetime.now(UTC))
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not _all_final(poller):
-                poller.tick()
-                time.sleep(1)
+                # A tick a second, or sooner when the session's next turn comes first.
+                wake = poller.tick().next_at or datetime.now(UTC) + timedelta(seconds=1)
+                time.sleep(min(1.0, max(0.0, (wake - datetime.now(UTC)).total_seconds())))
             _report(poller, waha, campaign_id)
         finally:
             poller.close()
@@ -71,7 +75,7 @@ def _schedule(poller: Poller, now: datetime) -> ObjectId:
         }
     )
     poller.store.messages.insert_many(docs)
-    _out(f"Scheduled {len(docs)} messages at {now:%H:%M:%S} UTC. Ticking every second:\n")
+    _out(f"Scheduled {len(docs)} messages at {now:%H:%M:%S} UTC. Sending:\n")
     return ObjectId(campaign_id.inserted_id)
 
 
@@ -80,9 +84,12 @@ def _all_final(poller: Poller) -> bool:
 
 
 def _report(poller: Poller, waha: WahaSimulator, campaign_id: ObjectId) -> None:
-    _out(f"\nWAHA received {len(waha.sent)} sendText request(s) that went out:\n")
+    _out(f"\nWAHA received {len(waha.sent)} message(s) that went out, paced 2-4 s apart:\n")
+    previous = None
     for message in waha.sent:
-        _out(f"  {message.session:<8} {message.chat_id:<28} {message.text}\n")
+        gap = f"+{message.at - previous:.1f}s" if previous else ""
+        previous = message.at
+        _out(f"  {gap:>6} {message.session:<8} {message.chat_id:<28} {message.text}\n")
     _out("\nMessages in MongoDB:\n")
     _out(f"  {'chatId':<26} {'status':<8} {'late':>6}  lastError\n")
     for doc in poller.store.messages.find().sort("scheduledAt", 1):

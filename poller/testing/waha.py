@@ -1,8 +1,9 @@
 """A WAHA-compatible HTTP server on 127.0.0.1 for the demo and the tests.
 
-It answers /api/sendText, /api/sessions and /ping with WAHA's codes and bodies (see WAHA's
-CONTRACT: 201 with a WAMessage, 401 for a wrong key, 404 for an unknown session, 422 after a
-wait when the session is not WORKING, 500 for engine errors) and records every request.
+It answers /api/sendText, /api/sendImage, /api/sendFile, /api/sendSeen, /api/startTyping,
+/api/stopTyping, /api/sessions and /ping with WAHA's codes and bodies (see WAHA's CONTRACT: 201
+with a WAMessage, 401 for a wrong key, 404 for an unknown session, 422 after a wait when the
+session is not WORKING, 500 for engine errors) and records every request.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ class SentMessage:
     id: str
     session: str
     chat_id: str
-    text: str
+    text: str  # the caption, for media
     at: float
+    route: str = "/api/sendText"
+    file: dict[str, Any] | None = None  # sendImage and sendFile's `file`
 
 
 @dataclass
@@ -55,6 +58,8 @@ class WahaSimulator:
     # Pre-generated message ids (GET /api/{session}/new-message-id, `id` in sendText) as in
     # WAHA 2026.4.3+; False answers that route with 404, as older versions do.
     message_ids: bool = True
+    # False answers sendSeen/startTyping/stopTyping with WAHA's 422 for an engine without them.
+    chat_actions: bool = True
     # The next this many session listings (GET /api/sessions) fail with a 502, as behind a proxy.
     listing_fails: int = 0
     # session -> seconds: its sends are delivered, then answered that much later (timeouts).
@@ -205,8 +210,15 @@ class WahaSimulator:
             if name not in self.sessions:
                 return _error(404, f"We didn't find a session with name '{name}'.")
             return 200, self._session_info(name)
-        if request.method == "POST" and request.path == "/api/sendText":
-            return self._send_text(request)
+        if request.method == "POST" and request.path in SENDS:
+            return self._send(request)
+        if request.method == "POST" and request.path in CHAT_ACTIONS:
+            body = _body(request)
+            if not isinstance(body, dict):
+                return body
+            if not self.chat_actions:
+                return _error(422, "The method is not implemented by the engine.")
+            return self._session_problem(body.get("session")) or (201, {"result": True})
         if (
             self.message_ids
             and request.method == "GET"
@@ -238,13 +250,10 @@ class WahaSimulator:
             }
         return None
 
-    def _send_text(self, request: Request) -> tuple[int, Any]:
-        try:
-            body = request.json()
-        except ValueError as exc:
-            return _error(400, f"Unexpected token in JSON: {exc}")
+    def _send(self, request: Request) -> tuple[int, Any]:
+        body = _body(request)
         if not isinstance(body, dict):
-            return _error(400, "Bad Request")
+            return body
         session = body.get("session")
         problem = self._session_problem(session)
         if problem:
@@ -253,9 +262,12 @@ class WahaSimulator:
         chat_id = str(body.get("chatId"))
         if chat_id in self.scripted:
             return self.scripted[chat_id]
-        text = body.get("text")
+        text = body.get("text") if request.path == "/api/sendText" else body.get("caption", "")
         if not isinstance(text, str):
             return engine_error("text is required")
+        file = body.get("file")
+        if request.path != "/api/sendText" and not isinstance(file, dict):
+            return engine_error("file is required")
         given = body.get("id") if self.message_ids else None
         message_id = f"true_{chat_id}_{given or secrets.token_hex(10).upper()}"
         with self._lock:
@@ -266,7 +278,9 @@ class WahaSimulator:
             # Like WAHA: a message id already sent is not sent again; the same message answers.
             message = next((m for m in self.sent if given and m.id == message_id), None)
             if message is None:
-                message = SentMessage(message_id, str(session), chat_id, text, time.time())
+                message = SentMessage(
+                    message_id, str(session), chat_id, text, time.time(), request.path, file
+                )
                 self.sent.append(message)
             stall = chat_id in self.stall_after_send
             self.stall_after_send.discard(chat_id)
@@ -283,7 +297,7 @@ class WahaSimulator:
             "source": "api",
             "to": chat_id,
             "body": text,
-            "hasMedia": False,
+            "hasMedia": file is not None,
             "ack": 1,
             "ackName": "SERVER",
             "_data": {},
@@ -293,6 +307,19 @@ class WahaSimulator:
         status = self.sessions[name]
         me = {"id": "15550001111@c.us", "pushName": name} if status == "WORKING" else None
         return {"name": name, "status": status, "config": None, "me": me, "engine": {}}
+
+
+SENDS = ("/api/sendText", "/api/sendImage", "/api/sendFile")
+CHAT_ACTIONS = ("/api/sendSeen", "/api/startTyping", "/api/stopTyping")
+
+
+def _body(request: Request) -> dict[str, Any] | tuple[int, Any]:
+    """The JSON object a POST carries, or WAHA's 400 for one that is not."""
+    try:
+        body = request.json()
+    except ValueError as exc:
+        return _error(400, f"Unexpected token in JSON: {exc}")
+    return body if isinstance(body, dict) else _error(400, "Bad Request")
 
 
 def _error(code: int, message: str) -> tuple[int, Any]:
