@@ -246,6 +246,22 @@ def test_typing_marks_seen_types_pauses_then_sends(
     assert len(waha.sent) == 1
 
 
+def test_a_stop_while_typing_gives_the_message_back_unsent(
+    store: Store, client: WahaClient, waha: WahaSimulator
+) -> None:
+    message_id = store.messages.insert_one(message(utcnow())).inserted_id
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()  # SIGTERM arrives during the 5 s pause
+
+    counts = tick(store, client, 20, stop=stop, pacing=Pacing(typing=True, typing_max=5))
+
+    steps = [r.path for r in waha.message_requests() if r.method == "POST"]
+    assert steps == ["/api/sendSeen", "/api/startTyping", "/api/stopTyping"]
+    assert (counts.sent, counts.released) == (0, 1) and waha.sent == []
+    doc = store.messages.find_one({"_id": message_id})
+    assert doc["status"] == "pending" and doc["isPicked"] is False
+
+
 def test_typing_pause_grows_with_the_text_and_is_bounded() -> None:
     pacing = Pacing(typing=True, typing_max=8)
     short, longer, huge = (pacing.typing_pause("x" * n) for n in (10, 100, 10_000))
