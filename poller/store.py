@@ -10,8 +10,9 @@ A message moves through these states (the `status` field):
 
 `claimed` and `sending` are leases: `pickedBy` owns them until `leaseUntil`.
 
-A message is late from its `scheduledAt`, or from its `heldUntil` when the poller itself held
-it back (pacing, the daily cap, quiet hours, a paused campaign): that wait never expires it.
+A message is due from its `scheduledAt`, or from its `heldUntil` when the poller itself held
+it back until later (pacing, the daily cap, quiet hours, a paused campaign): that wait never
+expires it. A `heldUntil` older than `scheduledAt` (the web app rescheduled it) no longer counts.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
 HOLD_INDEX = [("heldUntil", ASCENDING)]
+# Held until after its scheduled time: due from heldUntil, not from scheduledAt.
+HELD = {"$gt": ["$heldUntil", "$scheduledAt"]}
 CAMPAIGN_STATUS_INDEX = [("status", ASCENDING)]
 
 UNKNOWN_REASON = (
@@ -94,15 +97,18 @@ class Store:
         self.send_lease = timedelta(
             seconds=settings.waha_timeout_seconds + settings.mongodb_timeout_seconds + 5
         )
-        # A session's turn outlives a send that crashed half-way (typing included), so that a
-        # replica taking over never sends closer to it than the pacing gap.
-        self.turn_hold = self.send_lease + timedelta(
-            seconds=settings.typing_max_seconds + settings.pacing_max_seconds
+        # A session's turn lasts through the steps before the send (a message id, typing);
+        # just before the send it is renewed for the send itself and the longest gap (`fence`).
+        # A poller that dies holding it blocks the session no longer than that.
+        pacing_max = timedelta(seconds=settings.pacing_max_seconds)
+        self.turn_hold = (
+            timedelta(seconds=2 * settings.waha_timeout_seconds + 15 + settings.typing_max_seconds)
+            + pacing_max
         )
+        self.fence_hold = self.send_lease + pacing_max
         # A message the poller holds back (pacing, a paused campaign) has its heldUntil moved
-        # up once it is this old, which leaves a poll interval to spare before it would expire.
-        spare = self.lookback - timedelta(seconds=settings.poll_interval_seconds)
-        self.hold_refresh = max(spare, timedelta()) / 2
+        # up once it is this old: a quarter of the window, leaving the rest for a tick to come.
+        self.hold_refresh = self.lookback / 4
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -176,7 +182,7 @@ class Store:
         return {
             "isPicked": {"$ne": True},
             "scheduledAt": {"$gte": now - self.lookback, "$lte": now},
-            "heldUntil": {"$not": {"$type": "date"}},
+            "$expr": {"$not": [HELD]},
             **NOT_DONE,
             "retryAt": {"$not": {"$gt": now}},
         }
@@ -185,8 +191,8 @@ class Store:
         """Due, never-finished messages the poller held back until a time inside the window."""
         return {
             "heldUntil": {"$gte": now - self.lookback, "$lte": now},
+            "$expr": HELD,
             "isPicked": {"$ne": True},
-            "scheduledAt": {"$lte": now},
             **NOT_DONE,
             "retryAt": {"$not": {"$gt": now}},
         }
@@ -339,9 +345,8 @@ class Store:
         window = int(self.lookback.total_seconds())
         cutoff = now - self.lookback
         base = {"isPicked": {"$ne": True}, **NOT_DONE}
-        # scheduledAt <= heldUntil: a message late from its heldUntil is late from scheduledAt.
-        late = {**base, "scheduledAt": {"$lt": cutoff}, "heldUntil": {"$not": {"$type": "date"}}}
-        late_held = {**base, "heldUntil": {"$lt": cutoff}}
+        late = {**base, "scheduledAt": {"$lt": cutoff}, "$expr": {"$not": [HELD]}}
+        late_held = {**base, "heldUntil": {"$lt": cutoff}, "$expr": HELD}
         lapsed = {
             "status": CLAIMED,
             "leaseUntil": {"$lt": now},
@@ -446,12 +451,19 @@ class Store:
         ]
         count = 0
         for campaign_id in cancelled:
-            unsent = {
+            unsent: Doc = {
                 "campaignId": {"$in": id_variants(campaign_id)},
                 "status": {"$nin": [SENDING, *FINAL]},
                 **NOT_DONE,
             }
             reason = "Not sent: its campaign was cancelled."
+            doubt = {**unsent, "inDoubt": True}  # an earlier attempt may have reached WhatsApp
+            doubtful = (
+                "Not sent again: its campaign was cancelled, but an earlier attempt may have "
+                "reached WhatsApp. Check the chat before resending."
+            )
+            self._settle(doubt, CAMPAIGN_INDEX, UNKNOWN, doubtful, now, [])
+            unsent["inDoubt"] = {"$ne": True}
             count += self._settle(unsent, CAMPAIGN_INDEX, CANCELLED, reason, now, [])
         return count, cancelled
 
@@ -497,6 +509,14 @@ class Store:
         if isinstance(next_at, datetime) and next_at > now:
             return BUSY
         return CAPPED if cap is not None and current.get("day") == day else BUSY
+
+    def fence(self, session: str, now: datetime) -> bool:
+        """Renew this poller's turn for the send it is about to make; False when the turn
+        lapsed and another poller took it (this message must then wait)."""
+        result = self.pacing.update_one(
+            {"_id": session, "by": self.owner}, {"$set": {"nextAt": now + self.fence_hold}}
+        )
+        return result.matched_count == 1
 
     def end_turn(self, session: str, next_at: datetime, sent: bool) -> None:
         """Give the turn back: the session's next message waits until `next_at`. A turn that
@@ -699,23 +719,16 @@ class Store:
 
 
 def _due_before(time: datetime) -> Doc:
-    """Messages due (from heldUntil when held, else from scheduledAt) before `time`."""
+    """Messages due (from the later of scheduledAt and heldUntil) before `time`."""
     return {
-        "$or": [
-            {"heldUntil": {"$lt": time}},
-            {"heldUntil": {"$not": {"$type": "date"}}, "scheduledAt": {"$lt": time}},
-        ]
+        "scheduledAt": {"$lt": time},
+        "$or": [{"heldUntil": {"$not": {"$type": "date"}}}, {"heldUntil": {"$lt": time}}],
     }
 
 
 def _due_from(time: datetime) -> Doc:
-    """Messages due (from heldUntil when held, else from scheduledAt) at or after `time`."""
-    return {
-        "$or": [
-            {"heldUntil": {"$gte": time}},
-            {"heldUntil": {"$not": {"$type": "date"}}, "scheduledAt": {"$gte": time}},
-        ]
-    }
+    """Messages due (from the later of scheduledAt and heldUntil) at or after `time`."""
+    return {"$or": [{"scheduledAt": {"$gte": time}}, {"heldUntil": {"$gte": time}}]}
 
 
 def _uri_sets(uri: str, option: str) -> bool:

@@ -136,21 +136,20 @@ def tick(
         campaigns |= _campaign_ids(cancelled)
 
         idle = _sessions_not_working(t, counts)
-        quiet_until = t.pacing.quiet_until(clock())
-        if quiet_until is not None:
-            reason = (
-                f"Waiting for the end of the quiet hours ({t.pacing.describe_quiet()}) at "
-                f"{quiet_until.astimezone(t.pacing.zone):%Y-%m-%d %H:%M}."
-            )
-            counts.held += store.hold(clock(), {}, quiet_until, reason)
-            return counts
+        skip = _keep_waiting(t, idle)  # also while WAHA is paused: a paused campaign waits
         while not t.stop.is_set() and SERVER not in t.breakers.open(clock()):
-            batch = _claim(t, batch_size, idle)
+            if _quiet(t, counts):
+                break
+            batch = store.claim(clock(), batch_size, skip, one_per_session=t.pacing.paced)
             if not batch:
                 break
             counts.claimed += len(batch)
             campaigns |= _campaign_ids(d.get("campaignId") for d in batch)
+            released = counts.released
             _send_all(t, batch, counts)
+            if counts.released - released == len(batch):
+                break  # every session's turn is taken by another poller: nothing to do now
+            skip = _keep_waiting(t, idle)
         if t.pacing.paced:
             counts.next_at = min(store.turns(clock()).values(), default=None)
     finally:
@@ -159,25 +158,37 @@ def tick(
     return counts
 
 
-def _claim(t: _Tick, batch_size: int, idle: set[str]) -> list[Doc]:
-    """Claim what can be sent now; keep alive what waits for its turn or a paused campaign."""
+def _keep_waiting(t: _Tick, idle: set[str]) -> Doc | None:
+    """Hold back the messages that wait for their session's turn or for a paused campaign
+    (the poller's own doing: that wait does not make them late), and return what the claim
+    must leave alone: those, and the sessions that cannot send now."""
     now = t.clock()
     blocked = idle | t.breakers.open(now).keys()
-    waiting = t.store.turns(now).keys() - blocked if t.pacing.paced else set()
+    turns = t.store.turns(now).keys()
     paused = t.store.paused_campaigns()
-    # The poller itself holds these back: that wait does not make them late.
-    if waiting:
-        t.store.hold(now, t.store.of_sessions(waiting))
+    if turns - blocked and SERVER not in blocked:
+        t.store.hold(now, t.store.of_sessions(turns - blocked))
     if paused:
         t.store.hold(now, {"campaignId": {"$in": paused}})
     skip = []
-    if blocked | waiting:
-        skip.append(t.store.of_sessions(blocked | waiting))
+    if blocked | turns:
+        skip.append(t.store.of_sessions(blocked | turns))
     if paused:
         skip.append({"campaignId": {"$in": paused}})
-    return t.store.claim(
-        now, batch_size, {"$or": skip} if skip else None, one_per_session=t.pacing.paced
+    return {"$or": skip} if skip else None
+
+
+def _quiet(t: _Tick, counts: TickCounts) -> bool:
+    """Inside the quiet hours: hold every due message until they end."""
+    until = t.pacing.quiet_until(t.clock())
+    if until is None:
+        return False
+    reason = (
+        f"Waiting for the end of the quiet hours ({t.pacing.describe_quiet()}) at "
+        f"{until.astimezone(t.pacing.zone):%Y-%m-%d %H:%M}."
     )
+    counts.held += t.store.hold(t.clock(), {}, until, reason)
+    return True
 
 
 def _sessions_not_working(t: _Tick, counts: TickCounts) -> set[str]:
@@ -219,14 +230,17 @@ def _campaign_ids(values: Iterable[Any]) -> set[Any]:
 def _send_all(t: _Tick, batch: list[Doc], counts: TickCounts) -> None:
     """Send each session's messages in order, the sessions side by side: one session's
     typing pauses and gaps do not hold up another's."""
+    lease_until = t.clock() + t.store.lease  # as claimed, whenever a session's turn comes
     by_session: dict[str, list[Doc]] = {}
     for doc in batch:
         by_session.setdefault(repr((doc.get("session"), doc.get("sessionId"))), []).append(doc)
     if len(by_session) == 1:
-        _send_batch(t, batch, counts)
+        _send_batch(t, batch, lease_until, counts)
         return
     with ThreadPoolExecutor(min(len(by_session), MAX_PARALLEL_SESSIONS)) as pool:
-        futures = [pool.submit(_send_batch_apart, t, docs) for docs in by_session.values()]
+        futures = [
+            pool.submit(_send_batch_apart, t, docs, lease_until) for docs in by_session.values()
+        ]
     errors = []
     for future in futures:
         try:
@@ -237,15 +251,14 @@ def _send_all(t: _Tick, batch: list[Doc], counts: TickCounts) -> None:
         raise errors[0]
 
 
-def _send_batch_apart(t: _Tick, batch: list[Doc]) -> TickCounts:
+def _send_batch_apart(t: _Tick, batch: list[Doc], lease_until: datetime) -> TickCounts:
     counts = TickCounts()
-    _send_batch(t, batch, counts)
+    _send_batch(t, batch, lease_until, counts)
     return counts
 
 
-def _send_batch(t: _Tick, batch: list[Doc], counts: TickCounts) -> None:
+def _send_batch(t: _Tick, batch: list[Doc], lease_until: datetime, counts: TickCounts) -> None:
     store = t.store
-    lease_until = t.clock() + store.lease
     for position, doc in enumerate(batch):
         rest = [d["_id"] for d in batch[position:]]
         if t.stop.is_set():
@@ -284,24 +297,24 @@ def _send_one(t: _Tick, doc: Doc, paused: dict[str, str], counts: TickCounts) ->
         counts.retried += 1
         logger.warning("message {} waits: {}", doc["_id"], cap)
         return
-    takes_turn = t.pacing.paced or cap is not None
-    if takes_turn:
+    turn = None
+    if t.pacing.paced or cap is not None:
         now = t.clock()
-        turn = store.reserve(ready.session, now, t.pacing.day(now).isoformat(), cap)
-        if turn == BUSY:  # another replica is sending for this session: back to the queue
+        got = store.reserve(ready.session, now, t.pacing.day(now).isoformat(), cap)
+        if got == BUSY:  # another replica is sending for this session: back to the queue
             counts.released += store.release([doc["_id"]])
             return
-        if turn == CAPPED:
+        if got == CAPPED:
             assert cap is not None
             _hold_capped(t, doc, ready.session, cap, counts)
             return
-    sent = False
+        turn = _Turn(ready.session)
     try:
-        sent = _deliver(t, doc, ready, counts)
+        _deliver(t, doc, ready, turn, counts)
     finally:
-        if takes_turn:
-            gap = t.pacing.gap() if sent else timedelta()
-            store.end_turn(ready.session, t.clock() + gap, sent)
+        if turn is not None:  # even after an error: a request that went out is paced
+            gap = t.pacing.gap() if turn.sent else timedelta()
+            store.end_turn(turn.session, t.clock() + gap, turn.sent)
 
 
 def _hold_capped(t: _Tick, doc: Doc, session: str, cap: int, counts: TickCounts) -> None:
@@ -317,8 +330,16 @@ def _hold_capped(t: _Tick, doc: Doc, session: str, cap: int, counts: TickCounts)
     logger.info("session '{}' reached its daily cap of {}: held until {}", session, cap, until)
 
 
-def _deliver(t: _Tick, doc: Doc, ready: Ready, counts: TickCounts) -> bool:
-    """Send one claimed message and record the outcome; True once a send request was made."""
+@dataclass
+class _Turn:
+    """The session's turn to send, which this poller holds in `pollerpacing`."""
+
+    session: str
+    sent: bool = False  # a send request went out: the gap follows, and it counts for the cap
+
+
+def _deliver(t: _Tick, doc: Doc, ready: Ready, turn: _Turn | None, counts: TickCounts) -> None:
+    """Send one claimed message and record the outcome."""
     store, waha = t.store, t.waha
     send_id = None
     if ready.media is None:
@@ -328,18 +349,24 @@ def _deliver(t: _Tick, doc: Doc, ready: Ready, counts: TickCounts) -> bool:
             got = waha.new_message_id(ready.session)
             if isinstance(got, Outcome):
                 _record(t, doc, ready, got, counts)
-                return False
+                return
             send_id = got
     if t.pacing.typing and not _type(t, ready):
         counts.released += store.release([doc["_id"]])  # stopped while "typing"
-        return False
+        return
+    if turn is not None and not store.fence(turn.session, t.clock()):
+        counts.released += store.release([doc["_id"]])  # too slow: another poller has the turn
+        logger.warning("message {}: the turn of session '{}' lapsed", doc["_id"], turn.session)
+        return
     if not store.start_sending(doc["_id"], t.clock(), send_id):
         store.release([doc["_id"]])
         logger.warning(
             "message {} was deleted, cancelled or taken over meanwhile; skipped", doc["_id"]
         )
-        return False
+        return
 
+    if turn is not None:
+        turn.sent = True
     if ready.media is None:
         outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
     else:
@@ -358,7 +385,6 @@ def _deliver(t: _Tick, doc: Doc, ready: Ready, counts: TickCounts) -> bool:
             "again: check the chat before resending.",
         )
     _record(t, doc, ready, outcome, counts)
-    return True
 
 
 def _type(t: _Tick, ready: Ready) -> bool:
@@ -379,18 +405,22 @@ def _type(t: _Tick, ready: Ready) -> bool:
 
 def daily_cap(store: Store, session: str, default: int | None) -> int | str | None:
     """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
-    A `dailyCap` that is not a whole number of 0 or more is a reason not to send."""
+    A `dailyCap` of 0, or one that is not a whole number, is a reason not to send."""
     found = store.daily_caps([session])
     if session not in found:
         return default
     value = found[session]
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
+    where = f"WhatsApp session '{session}' in {store.sessions.name}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+        if value == 0:
+            return f"dailyCap of {where} is 0: it sends nothing until it is raised."
     return (
-        f"dailyCap {_show(value)} of WhatsApp session '{session}' in {store.sessions.name} is "
-        "not a whole number of 0 or more: nothing is sent for this session until it is fixed."
+        f"dailyCap {_show(value)} of {where} is not a whole number: nothing is sent for this "
+        "session until it is fixed."
     )
 
 

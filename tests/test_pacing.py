@@ -19,6 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from pymongo.errors import WriteError
 from support import POLLER, environment, message, seconds, utcnow
 
 from poller.daemon import Poller
@@ -225,6 +226,88 @@ def test_a_turn_taken_by_one_replica_is_busy_for_the_others(
         rival.close()
 
 
+def test_of_replicas_racing_for_a_turn_exactly_one_gets_it(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    now = utcnow()
+    replicas = [Store.connect(make_settings()) for _ in range(6)]
+    start = threading.Barrier(len(replicas))
+    got: list[str] = []
+
+    def race(replica: Store) -> None:
+        start.wait()
+        got.append(replica.reserve("default", now, "2026-11-25", None))
+
+    threads = [threading.Thread(target=race, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for replica in replicas:
+        replica.close()
+    assert sorted(got) == ["busy"] * 5 + ["taken"]
+
+
+def test_of_replicas_racing_under_a_cap_exactly_the_cap_send(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    now = utcnow()
+    replicas = [Store.connect(make_settings()) for _ in range(4)]
+    start = threading.Barrier(len(replicas))
+    taken: list[str] = []
+
+    def race(replica: Store) -> None:
+        start.wait()
+        for _ in range(5):  # take a turn, give it back at once, again
+            if replica.reserve("default", now, "2026-11-25", 3) == "taken":
+                taken.append(replica.owner)
+                replica.end_turn("default", now, sent=True)
+
+    threads = [threading.Thread(target=race, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    for replica in replicas:
+        replica.close()
+    assert len(taken) == 3
+    assert store.pacing.find_one({"_id": "default"})["count"] == 3
+
+
+def test_a_turn_that_lapsed_before_the_send_is_not_used(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    now = utcnow()
+    rival = Store.connect(make_settings())
+    try:
+        assert store.reserve("default", now, "2026-11-25", None) == "taken"
+        late = now + store.turn_hold  # the message id and the typing took that long
+        assert rival.reserve("default", late, "2026-11-25", None) == "taken"
+        assert store.fence("default", late) is False, "the rival sends; this poller must not"
+        assert rival.fence("default", late) is True
+        assert store.reserve("default", late + seconds(1), "2026-11-25", None) == "busy"
+    finally:
+        rival.close()
+
+
+def test_an_error_after_the_send_still_paces_the_session(
+    store: Store, client: WahaClient, waha: WahaSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = utcnow()
+    schedule(store, now, 2)
+
+    def refuse(*args: Any, **kwargs: Any) -> bool:
+        raise WriteError("Document failed validation", 121)
+
+    monkeypatch.setattr(store, "mark_sent", refuse)  # a schema validator refuses `sent`
+    counts = tick(store, client, 20, now=now, pacing=Pacing(10, 10))
+
+    assert len(waha.sent) == 1, "the second message waits for the gap"
+    assert counts.unknown == 1
+    turn = store.pacing.find_one({"_id": "default"})
+    assert turn["nextAt"] == now + seconds(10) and turn["count"] == 1
+
+
 # -- typing -------------------------------------------------------------------------------------
 
 
@@ -317,21 +400,39 @@ def test_the_daily_cap_holds_the_rest_until_the_next_local_day(
 def test_a_session_document_sets_its_own_cap(
     store: Store, client: WahaClient, waha: WahaSimulator
 ) -> None:
-    waha.sessions = {"new": "WORKING", "odd": "WORKING", "old": "WORKING"}
+    waha.sessions = {name: "WORKING" for name in ("new", "odd", "old", "off")}
     store.sessions.insert_many(
-        [{"name": "new", "dailyCap": 1}, {"name": "odd", "dailyCap": "lots"}, {"name": "old"}]
+        [
+            {"name": "new", "dailyCap": 1},
+            {"name": "odd", "dailyCap": "lots"},
+            {"name": "old"},
+            {"name": "off", "dailyCap": 0},
+        ]
     )
     now = utcnow()
-    for session in ("new", "odd", "old"):
+    for session in ("new", "odd", "old", "off"):
         schedule(store, now, 3, session=session)
 
     tick(store, client, 20, now=now, pacing=Pacing(daily_cap=2))
 
     assert len(sent_times(store, "new")) == 1, "the session's dailyCap wins over DAILY_CAP"
     assert len(sent_times(store, "old")) == 2, "DAILY_CAP applies without one"
-    assert sent_times(store, "odd") == []
+    assert sent_times(store, "odd") == sent_times(store, "off") == []
     odd = store.messages.find_one({"session": "odd"})
     assert "dailyCap 'lots'" in odd["lastError"] and odd["status"] == "retry"
+    # Not the poller's hold: these wait like a session that is not WORKING, then expire.
+    later = tick(store, client, 20, now=now + seconds(121), pacing=Pacing(daily_cap=2))
+    assert later.expired == 6
+    off = store.messages.find_one({"session": "off"})
+    assert off["status"] == "expired" and "is 0: it sends nothing" in off["lastError"]
+
+
+def test_pacing_and_the_cap_together(store: Store, client: WahaClient, waha: WahaSimulator) -> None:
+    start = utcnow()
+    schedule(store, start, 4)
+    ticks(store, client, Pacing(10, 10, daily_cap=2), start, end=start + seconds(60))
+    assert sent_times(store) == [start, start + seconds(10)]
+    assert by_status(store) == {"sent": 2, "pending": 2}
 
 
 def test_the_cap_holds_across_replicas(
@@ -394,7 +495,38 @@ def test_quiet_hours_arithmetic() -> None:
     assert pacing.day(datetime(2026, 11, 25, 23, 30, tzinfo=UTC)).isoformat() == "2026-11-26"
 
 
+def test_a_held_message_the_web_app_reschedules_goes_at_its_new_time(
+    store: Store, client: WahaClient, waha: WahaSimulator
+) -> None:
+    night = datetime(2026, 11, 25, 23, 0, tzinfo=ROME).astimezone(UTC)
+    [message_id] = schedule(store, night, 1)
+    pacing = Pacing(zone=ROME, quiet_hours=(time(22), time(8)))
+    assert tick(store, client, 20, now=night, pacing=pacing).held == 1
+    next_week = night + seconds(7 * 86400 - 3600 * 10)  # a week later, at 13:00
+    store.messages.update_one({"_id": message_id}, {"$set": {"scheduledAt": next_week}})
+
+    morning = datetime(2026, 11, 26, 8, 5, tzinfo=ROME).astimezone(UTC)
+    assert tick(store, client, 20, now=morning, pacing=pacing).expired == 0
+    assert tick(store, client, 20, now=next_week, pacing=pacing).sent == 1
+    assert store.messages.find_one({"_id": message_id})["sentAt"] == next_week
+
+
 # -- campaign control -----------------------------------------------------------------------------
+
+
+def test_a_paused_campaign_outlasts_a_waha_outage(
+    store: Store, client: WahaClient, waha: WahaSimulator
+) -> None:
+    start = utcnow()
+    campaign = store.campaigns.insert_one({"name": "Drip", "status": "paused"}).inserted_id
+    paused = schedule(store, start, 2, campaignId=campaign)
+    alone = store.messages.insert_one(message(start, chat_id="447700900999")).inserted_id
+    waha.stop()  # WAHA is down for the next ten minutes
+    for step in range(21):
+        tick(store, client, 20, now=start + seconds(30 * step), pacing=Pacing(10, 25))
+
+    assert by_status(store, _id={"$in": paused}) == {"pending": 2}, "paused: not expired"
+    assert store.messages.find_one({"_id": alone})["status"] == "expired"
 
 
 def test_a_paused_campaign_waits_without_expiring_then_resumes_paced(
@@ -432,6 +564,9 @@ def test_a_cancelled_campaign_ends_its_unsent_messages_cancelled(
     campaign = store.campaigns.insert_one({"name": "Promo", "status": "running"}).inserted_id
     ids = schedule(store, start, 6, campaignId=campaign)
     store.messages.insert_one(message(start + seconds(3600), campaignId=campaign))  # later
+    doubt = message(start, chat_id="447700900888", campaignId=campaign, status="retry")
+    doubt.update(inDoubt=True, retryAt=start + seconds(600), sendId="AAA")  # timed out before
+    doubtful = store.messages.insert_one(doubt).inserted_id
     pacing = Pacing(10, 10)
     ticks(store, client, pacing, start, end=start + seconds(10))
     assert len(waha.sent) == 2
@@ -447,17 +582,19 @@ def test_a_cancelled_campaign_ends_its_unsent_messages_cancelled(
     rival.close()
     ticks(store, client, pacing, start + seconds(3601))
     assert len(waha.sent) == 2
-    assert by_status(store, campaignId=campaign) == {"sent": 2, "cancelled": 5}
+    assert by_status(store, campaignId=campaign) == {"sent": 2, "cancelled": 5, "unknown": 1}
+    unsure = store.messages.find_one({"_id": doubtful})
+    assert "may have reached WhatsApp" in unsure["lastError"]
     doc = store.messages.find_one({"_id": ids[-1]})
     assert doc["lastError"] == "Not sent: its campaign was cancelled." and doc["isPicked"] is True
     done = store.campaigns.find_one({"_id": campaign})
     assert done["status"] == "cancelled" and "completedAt" in done
     assert done["stats"] == {
-        "total": 7,
+        "total": 8,
         "sent": 2,
-        "failed": 0,
+        "failed": 1,
         "expired": 0,
-        "unknown": 0,
+        "unknown": 1,
         "cancelled": 5,
     }
 
@@ -491,6 +628,24 @@ def test_media_goes_through_send_image_and_send_file(
         "filename": "menu.pdf",
     }
     assert waha.requests_to("/api/sendText") == []
+
+
+def test_media_that_times_out_is_unknown_not_resent(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    pdf = {"url": "https://example.com/menu.pdf", "mimetype": "application/pdf"}
+    message_id = store.messages.insert_one(message(now, media=pdf)).inserted_id
+    waha.stall_after_send, waha.stall = {"447700900123@c.us"}, 1.5
+    quick = WahaClient(settings.waha_url, settings.waha_api_key, 0.5)
+    try:
+        assert tick(store, quick, 20, now=now).unknown == 1
+        assert tick(store, quick, 20, now=now + seconds(60)).claimed == 0
+    finally:
+        quick.close()
+    doc = store.messages.find_one({"_id": message_id})
+    assert doc["status"] == "unknown" and "WAHA takes no message id for media" in doc["lastError"]
+    assert len(waha.requests_to("/api/sendFile")) == 1
 
 
 @pytest.mark.parametrize(
