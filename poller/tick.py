@@ -166,15 +166,14 @@ def _keep_waiting(t: _Tick, idle: set[str]) -> Doc | None:
     blocked = idle | t.breakers.open(now).keys()
     turns = t.store.turns(now).keys()
     paused = t.store.paused_campaigns()
+    skip = []
     if turns - blocked and SERVER not in blocked:
         t.store.hold(now, t.store.of_sessions(turns - blocked))
     if paused:
-        t.store.hold(now, {"campaignId": {"$in": paused}})
-    skip = []
+        skip.append({"campaignId": {"$in": paused}})
+        t.store.hold(now, skip[0])
     if blocked | turns:
         skip.append(t.store.of_sessions(blocked | turns))
-    if paused:
-        skip.append({"campaignId": {"$in": paused}})
     return {"$or": skip} if skip else None
 
 

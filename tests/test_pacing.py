@@ -229,25 +229,30 @@ def test_a_turn_taken_by_one_replica_is_busy_for_the_others(
         rival.close()
 
 
-def test_of_replicas_racing_for_a_turn_exactly_one_gets_it(
-    store: Store, make_settings: Callable[..., Settings]
-) -> None:
-    now = utcnow()
-    replicas = [Store.connect(make_settings()) for _ in range(6)]
-    start = threading.Barrier(len(replicas))
-    got: list[str] = []
+def race(make_settings: Callable[..., Settings], n: int, work: Callable[[Store], None]) -> None:
+    """Run `work` in `n` replicas (each its own connection), released at once by a barrier."""
+    replicas = [Store.connect(make_settings()) for _ in range(n)]
+    start = threading.Barrier(n)
 
-    def race(replica: Store) -> None:
+    def run(replica: Store) -> None:
         start.wait()
-        got.append(replica.reserve("default", now, "2026-11-25", None))
+        work(replica)
 
-    threads = [threading.Thread(target=race, args=(r,)) for r in replicas]
+    threads = [threading.Thread(target=run, args=(r,)) for r in replicas]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
     for replica in replicas:
         replica.close()
+
+
+def test_of_replicas_racing_for_a_turn_exactly_one_gets_it(
+    make_settings: Callable[..., Settings],
+) -> None:
+    now = utcnow()
+    got: list[str] = []
+    race(make_settings, 6, lambda r: got.append(r.reserve("default", now, "2026-11-25", None)))
     assert sorted(got) == ["busy"] * 5 + ["taken"]
 
 
@@ -255,24 +260,15 @@ def test_of_replicas_racing_under_a_cap_exactly_the_cap_send(
     store: Store, make_settings: Callable[..., Settings]
 ) -> None:
     now = utcnow()
-    replicas = [Store.connect(make_settings()) for _ in range(4)]
-    start = threading.Barrier(len(replicas))
     taken: list[str] = []
 
-    def race(replica: Store) -> None:
-        start.wait()
+    def take_turns(replica: Store) -> None:
         for _ in range(5):  # take a turn, give it back at once, again
             if replica.reserve("default", now, "2026-11-25", 3) == "taken":
                 taken.append(replica.owner)
                 replica.end_turn("default", now, sent=True)
 
-    threads = [threading.Thread(target=race, args=(r,)) for r in replicas]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    for replica in replicas:
-        replica.close()
+    race(make_settings, 4, take_turns)
     assert len(taken) == 3
     assert store.pacing.find_one({"_id": "default"})["count"] == 3
 
