@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 
-.PHONY: demo test
+.PHONY: demo test bench
 
 demo:
 	$(PYTHON) -m venv $(VENV)
@@ -14,3 +14,9 @@ test:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
 	$(VENV)/bin/pytest
+
+# poller against the reference design; rewrites the results in docs/benchmarks.md (~10 min).
+bench:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(VENV)/bin/python benchmarks/compare.py --report docs/benchmarks.md

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, summary in (
         ("run", "run as a daemon: a tick every POLL_INTERVAL_SECONDS until SIGTERM or SIGINT"),
-        ("once", "run one tick and exit (for cron and serverless schedulers)"),
+        ("once", "tick, and again for what comes due within POLL_INTERVAL_SECONDS (for cron)"),
         ("check", "exit 0 when a poller is alive (its heartbeat is fresh), 1 otherwise"),
         ("status", "show live pollers, the message backlog, the last 24 hours and campaigns"),
         ("demo", "schedule a small campaign on an embedded MongoDB and WAHA simulator, send it"),

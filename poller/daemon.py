@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 from pymongo.errors import PyMongoError
@@ -23,6 +24,7 @@ from poller.settings import Settings
 from poller.store import Store
 from poller.tick import TickCounts, tick
 from poller.waha import WahaClient
+from poller.watch import Alarm, Watcher
 
 
 class Poller:
@@ -79,15 +81,16 @@ class Poller:
         return counts
 
     def ticks_until(self, until: datetime, stop: threading.Event) -> TickCounts:
-        """Tick, then again at each paced session's next turn that comes before `until`;
-        the counts of all these ticks."""
+        """Tick, then again whenever a message comes due or a paced session's turn comes,
+        until `until`; the counts of all these ticks."""
         total = TickCounts()
         while True:
+            started = datetime.now(UTC)
             counts = self.tick(stop)
             total.add(counts)
-            wake = counts.next_at
-            if wake is None or wake > until or counts.key_rejected:
+            if counts.next_at is None or counts.next_at > until or counts.key_rejected:
                 return total
+            wake = max(counts.next_at, started + TICK_GAP)
             if stop.wait(max(0.0, (wake - datetime.now(UTC)).total_seconds())):
                 return total
 
@@ -137,8 +140,9 @@ class Poller:
 
 
 def once(settings: Settings) -> int:
-    """One tick, and more while a paced session's next turn comes within POLL_INTERVAL_SECONDS.
-    0 when it ran; 1 when MongoDB is unreachable or WAHA refused the API key."""
+    """One tick, and one more for each message or paced turn that comes due within
+    POLL_INTERVAL_SECONDS. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the
+    API key."""
     stop = _stop_on_signals()
     poller = _open(settings, "MongoDB is unavailable")
     if poller is None:
@@ -202,15 +206,19 @@ def run(settings: Settings) -> int:
     def safe_tick() -> None:
         if stop.is_set():
             return
+        next_at = None
+        last_start[0] = datetime.now(UTC)
+        ticking.set()
         try:
-            counts = poller.tick(stop)
-            if counts.next_at is not None:
-                next_turn[0] = counts.next_at
-                wake.set()
+            next_at = poller.tick(stop).next_at
         except PyMongoError as exc:
             logger.error("tick skipped, MongoDB is unavailable: {}", exc)
         except Exception:
             logger.exception("tick failed unexpectedly; the next tick will try again")
+        finally:
+            ticking.clear()
+        if next_at is not None:
+            alarm.ring(next_at)
 
     def safe_heartbeat() -> None:
         try:
@@ -218,9 +226,12 @@ def run(settings: Settings) -> int:
         except PyMongoError as exc:
             logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
 
-    # A tick hands the next session's turn to this thread, which brings the next tick forward.
-    next_turn = [datetime.now(UTC)]  # ticks never overlap: the last one's word is the latest
-    wake = threading.Event()
+    # A tick (the next due message, a session's next turn) and the watcher (a message written
+    # meanwhile) ring the alarm; this thread then brings the next tick forward.
+    alarm = Alarm()
+    ticking = threading.Event()
+    last_start = [datetime.now(UTC)]
+    early: list[datetime] = []  # the time this thread last brought the tick forward to
     scheduler = BackgroundScheduler(timezone=UTC)
     for job, seconds in (
         (safe_tick, settings.poll_interval_seconds),
@@ -236,16 +247,33 @@ def run(settings: Settings) -> int:
             coalesce=True,  # after a long tick, run once, not once per missed interval
             misfire_grace_time=None,
         )
+
+    def on_skipped(event: JobSubmissionEvent) -> None:
+        # The early tick came while a tick was still running: ask again once that one ends.
+        if event.job_id == "safe_tick" and early and early[0] in event.scheduled_run_times:
+            alarm.ring(datetime.now(UTC))
+
+    scheduler.add_listener(on_skipped, EVENT_JOB_MAX_INSTANCES)
     scheduler.start()
-    logger.info("running: a tick every {:g} s", settings.poll_interval_seconds)
+    logger.info(
+        "running: a tick every {:g} s, and when a message is due", settings.poll_interval_seconds
+    )
+    watcher = Watcher(poller.store, alarm.ring, stop)
+    watcher.start()
 
     # The scheduler is changed from this thread only: shutdown() holds its lock while it waits
     # for the tick in progress, which must not be the one to ask for it.
+    pending: datetime | None = None
     while not stop.is_set():
-        if wake.wait(0.25):
-            wake.clear()
-            _tick_again_at(scheduler, next_turn[0])
+        at = alarm.take(0.25)
+        if at is not None:
+            pending = min(pending, at) if pending else at
+        if pending is not None and not ticking.is_set():
+            early[:] = _tick_again_at(scheduler, max(pending, last_start[0] + TICK_GAP))
+            pending = None
     scheduler.shutdown(wait=True)  # waits for the tick in progress
+    # It sees `stop` within a second, or once its read gives up while MongoDB is unreachable.
+    watcher.join(timeout=settings.mongodb_timeout_seconds + 2)
     if server is not None:
         server.shutdown()
         server.server_close()
@@ -258,13 +286,21 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def _tick_again_at(scheduler: BackgroundScheduler, when: datetime) -> None:
-    """Bring the next tick forward to `when` (a paced session's next turn)."""
+def _tick_again_at(scheduler: BackgroundScheduler, when: datetime) -> list[datetime]:
+    """Bring the next tick forward to `when` (a message due, a paced session's next turn);
+    the time it was moved to, if it was."""
     job = scheduler.get_job("safe_tick")
-    # A moment from now at the earliest: this tick must have returned when the next one starts.
+    # A moment from now at the earliest: the last tick must have returned when the next starts.
     when = max(when, datetime.now(UTC) + timedelta(milliseconds=50))
-    if job is not None and job.next_run_time is not None and when < job.next_run_time:
-        scheduler.modify_job("safe_tick", next_run_time=when)
+    if job is None or job.next_run_time is None or when >= job.next_run_time:
+        return []
+    scheduler.modify_job("safe_tick", next_run_time=when)
+    return [when]
+
+
+# Early ticks start at least this long after the previous tick started: messages due a few
+# milliseconds apart are claimed by one tick, not one tick each.
+TICK_GAP = timedelta(milliseconds=250)
 
 
 def _stop_on_signals() -> threading.Event:

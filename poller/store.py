@@ -93,6 +93,8 @@ class Store:
         # the end of the lookback window by a poller that died is still sent once it lapses.
         self.takeover_limit = self.lookback + self.lease
         self.retry_delay = timedelta(seconds=settings.retry_seconds)
+        self.timeout = timedelta(seconds=settings.mongodb_timeout_seconds)
+        self.tick_interval = timedelta(seconds=settings.poll_interval_seconds)
         # A send holds its lease for the HTTP request and the write of its outcome, with slack.
         self.send_lease = timedelta(
             seconds=settings.waha_timeout_seconds + settings.mongodb_timeout_seconds + 5
@@ -200,6 +202,32 @@ class Store:
     def due(self, now: datetime) -> list[tuple[Doc, list[tuple[str, int]]]]:
         """The queries of every message that may be sent now, each with the index it needs."""
         return [(self.claimable(now), CLAIM_INDEX), (self.held(now), HOLD_INDEX)]
+
+    def next_due(self, now: datetime) -> datetime | None:
+        """When the next message not due yet becomes due, if that is before the next regular
+        tick: its scheduledAt, or the heldUntil the poller gave it (quiet hours, a daily cap).
+
+        Three reads that follow an index in time order and stop at their first match, with no
+        filter beyond the index's own fields: a message that is deleted or sent by then only
+        makes a tick find nothing to do.
+        """
+        until = {"$gt": now, "$lte": now + self.tick_interval}
+        found = [
+            self.messages.find_one(
+                # false, or missing: the web app may not write isPicked at all
+                {"isPicked": picked, "scheduledAt": until},
+                {"scheduledAt": 1, "_id": 0},
+                sort=[("scheduledAt", ASCENDING)],
+            )
+            for picked in (False, None)
+        ]
+        held = self.messages.find_one(
+            {"heldUntil": until}, {"heldUntil": 1, "_id": 0}, sort=[("heldUntil", ASCENDING)]
+        )
+        times = [d["scheduledAt"] for d in found if d]
+        if held:
+            times.append(held["heldUntil"])
+        return min(times, default=None)
 
     def of_sessions(self, names: Iterable[str]) -> Doc:
         """Messages sent through one of these WAHA sessions: named by `session`, or else by
@@ -366,11 +394,15 @@ class Store:
                 "Not sent: the poller that claimed it stopped, and no poller took it over in time.",
             ),
         ):
-            expired += self._settle(
-                {**query, "inDoubt": {"$ne": True}}, hint, EXPIRED, reason, now, campaigns
-            )
+            # One read for both outcomes: nothing is late in almost every tick.
+            found = list(self.messages.find(query, {"campaignId": 1, "inDoubt": 1}, hint=hint))
+            sure = [d for d in found if d.get("inDoubt") is not True]
+            doubtful = [d for d in found if d.get("inDoubt") is True]
+            sure_query = {**query, "inDoubt": {"$ne": True}}
+            expired += self._settle(sure_query, hint, EXPIRED, reason, now, campaigns, sure)
+            doubt_query = {**query, "inDoubt": True}
             unknown += self._settle(
-                {**query, "inDoubt": True}, hint, UNKNOWN, DOUBT_REASON, now, campaigns
+                doubt_query, hint, UNKNOWN, DOUBT_REASON, now, campaigns, doubtful
             )
         # A send in flight when its poller stopped (or its tick failed) that cannot be taken over.
         in_doubt = {
@@ -415,8 +447,11 @@ class Store:
         reason: str | Doc,
         now: datetime,
         campaigns: list[Any],
+        found: list[Doc] | None = None,
     ) -> int:
-        found = list(self.messages.find(query, {"_id": 1, "campaignId": 1}, hint=hint))
+        """End what `query` matches (of `found`, when the caller read them already)."""
+        if found is None:
+            found = list(self.messages.find(query, {"campaignId": 1}, hint=hint))
         if not found:
             return 0
         campaigns.extend(d.get("campaignId") for d in found)
@@ -530,11 +565,11 @@ class Store:
         """Sessions that cannot send yet (a send in progress, or its gap), with until when."""
         return {d["_id"]: d["nextAt"] for d in self.pacing.find({"nextAt": {"$gt": now}})}
 
-    def daily_caps(self, names: Iterable[str]) -> dict[str, Any]:
-        """The `dailyCap` each named session document sets, as written (validated by the caller)."""
+    def daily_caps(self) -> dict[str, Any]:
+        """The `dailyCap` of each session document that sets one, as written (the caller
+        validates it), by session name."""
         found = self.sessions.find(
-            {"name": {"$in": list(names)}, "dailyCap": {"$exists": True, "$ne": None}},
-            {"name": 1, "dailyCap": 1},
+            {"dailyCap": {"$exists": True, "$ne": None}}, {"name": 1, "dailyCap": 1}
         )
         return {d["name"]: d["dailyCap"] for d in found if isinstance(d.get("name"), str)}
 

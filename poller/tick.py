@@ -29,7 +29,7 @@ CHAT_ID = re.compile(
 PHONE = re.compile(r"^\+?[\d\s().\-]+$")
 MIME_TYPE = re.compile(r"^[\w.+-]+/[\w.+-]+$")
 # Sessions sent for side by side in one tick; more wait for the next round.
-MAX_PARALLEL_SESSIONS = 16
+MAX_PARALLEL_SESSIONS = 32
 
 
 @dataclass
@@ -47,7 +47,8 @@ class TickCounts:
     key_rejected: bool = False
     # sentAt - scheduledAt of each message sent, in seconds (for the lateness metric).
     lateness: list[float] = field(default_factory=list)
-    # When a paced session may send its next message; `poller run` ticks again then.
+    # When there is something to send next: the next message's scheduled time, or a paced
+    # session's next turn. `poller run` ticks again then.
     next_at: datetime | None = None
 
     def totals(self) -> dict[str, int | bool]:
@@ -96,6 +97,8 @@ class _Tick:
     stop: threading.Event
     breakers: Breakers
     pacing: Pacing
+    # The `dailyCap` of each session document that sets one, read once a tick.
+    caps: dict[str, Any] = field(default_factory=dict)
 
 
 def tick(
@@ -134,6 +137,7 @@ def tick(
         campaigns |= _campaign_ids(swept.campaigns)
         counts.cancelled, cancelled = store.cancel(clock())
         campaigns |= _campaign_ids(cancelled)
+        t.caps.update(store.daily_caps())
 
         idle = _sessions_not_working(t, counts)
         skip = _keep_waiting(t, idle)  # also while WAHA is paused: a paused campaign waits
@@ -150,8 +154,10 @@ def tick(
             if counts.released - released == len(batch):
                 break  # every session's turn is taken by another poller: nothing to do now
             skip = _keep_waiting(t, idle)
+        later = [store.next_due(clock())]
         if t.pacing.paced:
-            counts.next_at = min(store.turns(clock()).values(), default=None)
+            later.extend(store.turns(clock()).values())
+        counts.next_at = min((at for at in later if at is not None), default=None)
     finally:
         # Even after a failure: what was settled before it must show in its campaign.
         store.rollup(campaigns, clock())
@@ -290,7 +296,7 @@ def _send_one(t: _Tick, doc: Doc, paused: dict[str, str], counts: TickCounts) ->
         store.release([doc["_id"]], paused[ready.session], t.clock() + store.retry_delay)
         counts.retried += 1
         return
-    cap = daily_cap(store, ready.session, t.pacing.daily_cap)
+    cap = daily_cap(t, ready.session)
     if isinstance(cap, str):
         store.release([doc["_id"]], cap, t.clock() + store.retry_delay)
         counts.retried += 1
@@ -402,16 +408,15 @@ def _type(t: _Tick, ready: Ready) -> bool:
     return not stopped
 
 
-def daily_cap(store: Store, session: str, default: int | None) -> int | str | None:
+def daily_cap(t: _Tick, session: str) -> int | str | None:
     """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
     A `dailyCap` of 0, or one that is not a whole number, is a reason not to send."""
-    found = store.daily_caps([session])
-    if session not in found:
-        return default
-    value = found[session]
+    if session not in t.caps:
+        return t.pacing.daily_cap
+    value = t.caps[session]
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    where = f"WhatsApp session '{session}' in {store.sessions.name}"
+    where = f"WhatsApp session '{session}' in {t.store.sessions.name}"
     if isinstance(value, int) and not isinstance(value, bool):
         if value > 0:
             return value

@@ -16,7 +16,7 @@ from support import API_KEY, SECRETS, SUITE_LOGS
 
 from poller.settings import Settings
 from poller.store import Store
-from poller.testing.mongo import embedded_mongodb
+from poller.testing.mongo import MongoDaemon, embedded_mongodb, mongo_daemon
 from poller.testing.waha import Request, WahaSimulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,4 +145,23 @@ def store(settings: Settings) -> Iterator[Store]:
     store = Store.connect(settings)
     store.ensure_indexes()
     yield store
+    store.close()
+
+
+@pytest.fixture
+def daemon() -> Iterator[MongoDaemon]:
+    """SecantusDB as a process of its own: it can be killed, restarted and made to fail."""
+    with mongo_daemon() as running:
+        yield running
+
+
+@pytest.fixture
+def on_daemon(
+    daemon: MongoDaemon, make_settings: Callable[..., Settings]
+) -> Iterator[tuple[Settings, Store]]:
+    """Settings for the daemon's database, and a store on it."""
+    settings = make_settings(mongodb_uri=daemon.uri)
+    store = Store.connect(settings)
+    store.ensure_indexes()
+    yield settings, store
     store.close()

@@ -157,24 +157,6 @@ def test_random_engine_errors_fail_their_messages_and_the_rest_go_out(
 # -- MongoDB --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def daemon() -> Iterator[MongoDaemon]:
-    with mongo_daemon() as running:
-        yield running
-
-
-@pytest.fixture
-def on_daemon(
-    daemon: MongoDaemon, make_settings: Callable[..., Settings]
-) -> Iterator[tuple[Settings, Store]]:
-    """Settings for the daemon's database, and a store on it."""
-    settings = make_settings(mongodb_uri=daemon.uri)
-    store = Store.connect(settings)
-    store.ensure_indexes()
-    yield settings, store
-    store.close()
-
-
 def start_pollers(
     settings: Settings, n: int, logs: Path, **extra: str
 ) -> list[subprocess.Popen[Any]]:

@@ -1,0 +1,256 @@
+"""Sending on time: `poller run` ticks when a message comes due, not only on its timer, and a
+message the web app writes between two ticks wakes it (through a change stream, where MongoDB
+offers one; without one, the next tick sees it)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from time import monotonic, sleep
+from typing import Any
+
+import pytest
+from support import POLLER, environment, message, seconds, utcnow
+
+from poller.settings import Settings
+from poller.store import Store
+from poller.testing.mongo import MongoDaemon
+from poller.testing.waha import WahaSimulator
+from poller.tick import tick
+from poller.waha import WahaClient
+from poller.watch import Alarm, Watcher
+
+# Far longer than any test waits: a message sent in time was sent because poller woke for it.
+TIMER = "600"
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[WahaClient]:
+    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
+    yield waha
+    waha.close()
+
+
+def chat(n: int) -> str:
+    return f"4477{n:08d}@c.us"
+
+
+def test_a_tick_says_when_the_next_message_comes_due(store: Store, client: WahaClient) -> None:
+    now = utcnow()
+    unpicked = message(now + seconds(12), chat_id=chat(3))
+    del unpicked["isPicked"]  # the web app may leave it out
+    store.messages.insert_many(
+        [
+            message(now, chat_id=chat(0)),
+            message(now + seconds(5), chat_id=chat(1), isDeleted=True),
+            message(now + seconds(8), chat_id=chat(2), isSent=True),
+            unpicked,
+            message(now + seconds(20), chat_id=chat(4)),
+            message(now + seconds(45), chat_id=chat(5)),  # after the next regular tick
+        ]
+    )
+    wakes = []
+    at: datetime | None = now
+    while at is not None:
+        counts = tick(store, client, 20, now=at)
+        wakes.append((counts.sent, counts.next_at))
+        at = counts.next_at
+    # A deleted or already sent message only costs a tick that finds nothing to send.
+    assert wakes == [
+        (1, now + seconds(5)),
+        (0, now + seconds(8)),
+        (0, now + seconds(12)),
+        (1, now + seconds(20)),
+        (1, now + seconds(45)),  # within 30 s of the tick at +20 s
+        (1, None),
+    ]
+
+
+def test_a_message_held_until_later_is_due_then(store: Store) -> None:
+    now = utcnow()
+    store.messages.insert_many(
+        [message(now, chat_id=chat(0)), message(now + seconds(12), chat_id=chat(1))]
+    )
+    store.hold(now, {"chatId": chat(0)}, now + seconds(7), "Waiting for the quiet hours to end.")
+    assert store.next_due(now) == now + seconds(7)
+    assert store.next_due(now + seconds(7)) == now + seconds(12)
+    assert store.next_due(now + seconds(12)) is None
+
+
+def test_the_alarm_keeps_the_earliest_time_asked_for() -> None:
+    alarm, now = Alarm(), utcnow()
+    alarm.ring(now + seconds(5))
+    alarm.ring(now + seconds(2))
+    alarm.ring(now + seconds(9))
+    assert alarm.take(1) == now + seconds(2)
+    assert alarm.take(0.05) is None
+
+
+# -- poller run -----------------------------------------------------------------------------------
+
+
+class PollerRun:
+    """A `poller run` process whose timer never fires during the test."""
+
+    def __init__(self, settings: Settings, folder: Path) -> None:
+        self.log_path = folder / "poller.log"
+        env = environment(settings, POLL_INTERVAL_SECONDS=TIMER, HEARTBEAT_SECONDS="3600")
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen([*POLLER, "run"], env=env, cwd=folder, stderr=log)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for(self, done: Callable[[], bool], limit: float = 30) -> None:
+        deadline = monotonic() + limit
+        while not done():
+            assert monotonic() < deadline, f"timed out; log:\n{self.log()}"
+            assert self.process.poll() is None, f"poller exited; log:\n{self.log()}"
+            sleep(0.1)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=30) == 0
+
+
+@pytest.fixture
+def poller_run(tmp_path: Path) -> Iterator[Callable[[Settings], PollerRun]]:
+    started: list[PollerRun] = []
+
+    def start(settings: Settings) -> PollerRun:
+        started.append(PollerRun(settings, tmp_path))
+        return started[-1]
+
+    yield start
+    for poller in started:
+        if poller.process.poll() is None:
+            poller.stop()
+
+
+def sent_on_time(store: Store, waha: WahaSimulator, count: int) -> None:
+    """`count` messages sent, none before its scheduled time."""
+    docs = list(store.messages.find({"status": "sent"}))
+    assert len(docs) == len(waha.sent) == count
+    for doc in docs:
+        assert doc["sentAt"] >= doc["scheduledAt"]
+
+
+def test_poller_run_ticks_when_a_message_comes_due(
+    settings: Settings,
+    store: Store,
+    waha: WahaSimulator,
+    poller_run: Callable[[Settings], PollerRun],
+) -> None:
+    now = utcnow()
+    store.messages.insert_many(
+        [message(now + seconds(4), chat_id=chat(0)), message(now + seconds(6), chat_id=chat(1))]
+    )
+    poller = poller_run(settings)
+    poller.wait_for(lambda: len(waha.sent) == 2)
+    poller.stop()
+    sent_on_time(store, waha, 2)
+
+
+def test_a_message_written_between_two_ticks_wakes_poller_run(
+    settings: Settings,
+    store: Store,
+    waha: WahaSimulator,
+    poller_run: Callable[[Settings], PollerRun],
+) -> None:
+    poller = poller_run(settings)
+    poller.wait_for(lambda: "watching scheduledmessages" in poller.log())
+    poller.wait_for(lambda: "tick: claimed=0" in poller.log())  # the first tick is over
+    store.messages.insert_one(message(utcnow() + seconds(2), chat_id=chat(0)))
+    poller.wait_for(lambda: len(waha.sent) == 1)
+    # Rescheduled from an hour ahead: only the change of its scheduledAt can wake the poller.
+    later = store.messages.insert_one(message(utcnow() + seconds(3600), chat_id=chat(1)))
+    sleep(1)
+    store.messages.update_one(
+        {"_id": later.inserted_id}, {"$set": {"scheduledAt": utcnow() + seconds(2)}}
+    )
+    poller.wait_for(lambda: len(waha.sent) == 2)
+    poller.stop()
+    sent_on_time(store, waha, 2)
+
+
+def test_without_a_change_stream_poller_run_still_wakes_for_due_messages(
+    daemon: MongoDaemon,
+    on_daemon: tuple[Settings, Store],
+    waha: WahaSimulator,
+    poller_run: Callable[[Settings], PollerRun],
+) -> None:
+    settings, store = on_daemon
+    store.messages.insert_one(message(utcnow() + seconds(4), chat_id=chat(0)))
+    # What a standalone mongod answers. No tick runs an aggregate here (no campaign, no pacing,
+    # no metrics): the watcher's is the first.
+    refusal = "The $changeStream stage is only supported on replica sets"
+    daemon.fail(["aggregate"], 1, errorCode=40573, errmsg=refusal)
+    poller = poller_run(settings)
+    poller.wait_for(lambda: len(waha.sent) == 1)
+    poller.stop()
+    sent_on_time(store, waha, 1)
+    assert "no change stream (error 40573: " in poller.log()
+
+
+# -- the watcher ----------------------------------------------------------------------------------
+
+
+def watch(store: Store) -> tuple[Watcher, Alarm, threading.Event]:
+    alarm, stop = Alarm(), threading.Event()
+    watcher = Watcher(store, alarm.ring, stop)
+    watcher.start()
+    assert watcher.watching.wait(10)
+    assert alarm.take(1) is not None  # at once: a tick reads what was written before
+    return watcher, alarm, stop
+
+
+def rung_for(alarm: Alarm, at: datetime, limit: float = 10) -> bool:
+    """Whether the alarm rings for `at` within `limit` seconds (other rings are skipped)."""
+    deadline = monotonic() + limit
+    while monotonic() < deadline:
+        if alarm.take(0.2) == at:
+            return True
+    return False
+
+
+def test_the_watcher_rings_for_new_and_rescheduled_messages_only(store: Store) -> None:
+    watcher, alarm, stop = watch(store)
+    try:
+        now = utcnow()
+        first = store.messages.insert_one(message(now + seconds(60), chat_id=chat(0)))
+        assert alarm.take(10) == now + seconds(60)
+        store.messages.update_one({"_id": first.inserted_id}, {"$set": {"status": "claimed"}})
+        store.messages.update_one({"_id": first.inserted_id}, {"$set": {"heldUntil": now}})
+        assert alarm.take(1) is None  # the poller's own writes do not wake it
+        store.messages.update_one(
+            {"_id": first.inserted_id}, {"$set": {"scheduledAt": now + seconds(9)}}
+        )
+        assert alarm.take(10) == now + seconds(9)
+        store.messages.insert_one({"chatId": chat(1), "content": "no date"})
+        assert alarm.take(10) is not None  # now: a tick fails it at once, with a reason
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert not watcher.is_alive()
+
+
+def test_the_watcher_carries_on_after_a_mongodb_restart(
+    daemon: MongoDaemon, on_daemon: tuple[Settings, Store]
+) -> None:
+    _, store = on_daemon
+    watcher, alarm, stop = watch(store)
+    try:
+        daemon.kill()
+        sleep(1)
+        daemon.start()
+        due: Any = utcnow() + seconds(30)
+        store.messages.insert_one(message(due, chat_id=chat(0)))
+        assert rung_for(alarm, due)
+        assert watcher.is_alive()
+    finally:
+        stop.set()
+        watcher.join(5)
