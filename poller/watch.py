@@ -14,8 +14,8 @@ from pymongo.errors import OperationFailure, PyMongoError
 from poller.store import Store
 
 # New messages, and messages the web app rescheduled; `at` is when they are due. The poller's
-# own writes never match: it neither inserts messages nor changes their scheduledAt, and what it
-# replaces (MongoDB 4.2 and 4.4 report some updates as replacements) it has picked.
+# own writes never match: it inserts no message and changes no scheduledAt, and a replacement
+# counts only while the message is not picked.
 CHANGES: list[dict[str, Any]] = [
     {
         "$match": {
