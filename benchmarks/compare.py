@@ -113,7 +113,7 @@ class Process:
         return float(times.user + times.system)
 
     def stop(self) -> float:
-        """SIGTERM, and the process's peak RSS until then, in MB.
+        """SIGTERM, and the process's peak RSS until then, in MiB.
 
         The peak is the kernel's high-water mark of the process's memory (Linux: VmHWM). Not
         getrusage(): its ru_maxrss starts from the size of the parent that forked it.
@@ -136,7 +136,7 @@ class Figures:
     round_trips: float = 0.0  # per sent message
     server_cpu: float = 0.0  # ms of MongoDB server CPU per message sent (the 200 ms run)
     claim_examined: float = 0.0  # documents examined per claimed message, the claim query
-    peak_rss: float = 0.0  # MB
+    peak_rss: float = 0.0  # MiB
     idle_cpu: float = 0.0  # % of one core
 
 
@@ -185,8 +185,9 @@ def throughput(design: str, latency: float, count: int, env: Bench, figures: Fig
     figures.throughput[latency] = count / (ended - began).total_seconds()
     if latency:
         figures.server_cpu = 1000 * (env.server_cpu() - cpu) / count
-    for session in SESSIONS:  # the order WAHA received each session's messages in
-        order = [int(m.chat_id[4:12]) for m in env.waha.sent if m.chat_id.startswith(tag)]
+    # The order WAHA received each session's messages in.
+    order = [int(m.chat_id[4:12]) for m in env.waha.sent if m.chat_id.startswith(tag)]
+    for session in SESSIONS:
         mine = [n for n in order if SESSIONS[n % len(SESSIONS)] == session]
         figures.in_order = figures.in_order and mine == sorted(mine)
 

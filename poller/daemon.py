@@ -231,7 +231,7 @@ def run(settings: Settings) -> int:
     alarm = Alarm()
     ticking = threading.Event()
     last_start = [datetime.now(UTC)]
-    early: list[datetime] = []  # the time this thread last brought the tick forward to
+    early: list[datetime | None] = [None]  # when this thread last brought the tick forward to
     scheduler = BackgroundScheduler(timezone=UTC)
     for job, seconds in (
         (safe_tick, settings.poll_interval_seconds),
@@ -250,7 +250,7 @@ def run(settings: Settings) -> int:
 
     def on_skipped(event: JobSubmissionEvent) -> None:
         # The early tick came while a tick was still running: ask again once that one ends.
-        if event.job_id == "safe_tick" and early and early[0] in event.scheduled_run_times:
+        if event.job_id == "safe_tick" and early[0] in event.scheduled_run_times:
             alarm.ring(datetime.now(UTC))
 
     scheduler.add_listener(on_skipped, EVENT_JOB_MAX_INSTANCES)
@@ -269,7 +269,7 @@ def run(settings: Settings) -> int:
         if at is not None:
             pending = min(pending, at) if pending else at
         if pending is not None and not ticking.is_set():
-            early[:] = _tick_again_at(scheduler, max(pending, last_start[0] + TICK_GAP))
+            early[0] = _tick_again_at(scheduler, max(pending, last_start[0] + TICK_GAP))
             pending = None
     scheduler.shutdown(wait=True)  # waits for the tick in progress
     # It sees `stop` within a second, or once its read gives up while MongoDB is unreachable.
@@ -286,16 +286,16 @@ def run(settings: Settings) -> int:
     return 0
 
 
-def _tick_again_at(scheduler: BackgroundScheduler, when: datetime) -> list[datetime]:
+def _tick_again_at(scheduler: BackgroundScheduler, when: datetime) -> datetime | None:
     """Bring the next tick forward to `when` (a message due, a paced session's next turn);
     the time it was moved to, if it was."""
     job = scheduler.get_job("safe_tick")
     # A moment from now at the earliest: the last tick must have returned when the next starts.
     when = max(when, datetime.now(UTC) + timedelta(milliseconds=50))
     if job is None or job.next_run_time is None or when >= job.next_run_time:
-        return []
+        return None
     scheduler.modify_job("safe_tick", next_run_time=when)
-    return [when]
+    return when
 
 
 # Early ticks start at least this long after the previous tick started: messages due a few

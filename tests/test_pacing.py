@@ -213,20 +213,22 @@ def test_poller_run_wakes_for_each_turn_not_on_its_timer(
     assert min(gaps([m.at for m in waha.sent])) >= 0.3
 
 
-def test_a_turn_taken_by_one_replica_is_busy_for_the_others(
-    store: Store, make_settings: Callable[..., Settings]
-) -> None:
+@pytest.fixture
+def rival(make_settings: Callable[..., Settings]) -> Iterator[Store]:
+    """Another poller's store, on the same database."""
+    other = Store.connect(make_settings())
+    yield other
+    other.close()
+
+
+def test_a_turn_taken_by_one_replica_is_busy_for_the_others(store: Store, rival: Store) -> None:
     now = utcnow()
-    rival = Store.connect(make_settings())
-    try:
-        assert store.reserve("default", now, "2026-11-25", None) == "taken"
-        assert rival.reserve("default", now, "2026-11-25", None) == "busy"
-        store.end_turn("default", now + seconds(12), sent=True)
-        assert rival.reserve("default", now + seconds(11), "2026-11-25", None) == "busy"
-        assert rival.reserve("default", now + seconds(12), "2026-11-25", None) == "taken"
-        assert rival.reserve("other", now, "2026-11-25", None) == "taken"
-    finally:
-        rival.close()
+    assert store.reserve("default", now, "2026-11-25", None) == "taken"
+    assert rival.reserve("default", now, "2026-11-25", None) == "busy"
+    store.end_turn("default", now + seconds(12), sent=True)
+    assert rival.reserve("default", now + seconds(11), "2026-11-25", None) == "busy"
+    assert rival.reserve("default", now + seconds(12), "2026-11-25", None) == "taken"
+    assert rival.reserve("other", now, "2026-11-25", None) == "taken"
 
 
 def race(make_settings: Callable[..., Settings], n: int, work: Callable[[Store], None]) -> None:
@@ -273,20 +275,14 @@ def test_of_replicas_racing_under_a_cap_exactly_the_cap_send(
     assert store.pacing.find_one({"_id": "default"})["count"] == 3
 
 
-def test_a_turn_that_lapsed_before_the_send_is_not_used(
-    store: Store, make_settings: Callable[..., Settings]
-) -> None:
+def test_a_turn_that_lapsed_before_the_send_is_not_used(store: Store, rival: Store) -> None:
     now = utcnow()
-    rival = Store.connect(make_settings())
-    try:
-        assert store.reserve("default", now, "2026-11-25", None) == "taken"
-        late = now + store.turn_hold  # the message id and the typing took that long
-        assert rival.reserve("default", late, "2026-11-25", None) == "taken"
-        assert store.fence("default", late) is False, "the rival sends; this poller must not"
-        assert rival.fence("default", late) is True
-        assert store.reserve("default", late + seconds(1), "2026-11-25", None) == "busy"
-    finally:
-        rival.close()
+    assert store.reserve("default", now, "2026-11-25", None) == "taken"
+    late = now + store.turn_hold  # the message id and the typing took that long
+    assert rival.reserve("default", late, "2026-11-25", None) == "taken"
+    assert store.fence("default", late) is False, "the rival sends; this poller must not"
+    assert rival.fence("default", late) is True
+    assert store.reserve("default", late + seconds(1), "2026-11-25", None) == "busy"
 
 
 def test_an_error_after_the_send_still_paces_the_session(
