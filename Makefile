@@ -10,10 +10,12 @@ demo:
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[demo]'
 	$(VENV)/bin/poller demo
 
+# The tests marked slow are left out (pyproject.toml): `make test PYTEST_ARGS='-m slow'` runs
+# only them, `PYTEST_ARGS='-m ""'` everything.
 test:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # poller against the reference design; rewrites the results in docs/benchmarks.md (~10 min).
 bench:

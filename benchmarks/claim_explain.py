@@ -12,7 +12,8 @@ import sys
 from datetime import UTC, datetime, timedelta
 
 from poller.settings import Settings
-from poller.store import CLAIM_INDEX, Store
+from poller.store import Store
+from poller.store.messages import CLAIM_INDEX
 from poller.testing.mongo import embedded_mongodb
 
 
@@ -27,9 +28,9 @@ def main(n: int) -> None:
         ]
         future = [{"scheduledAt": now + timedelta(minutes=i + 1)} for i in range(n)]
         due = [{"scheduledAt": now - timedelta(seconds=i)} for i in range(5)]
-        store.messages.insert_many(sent + future + due)
-        query = store.messages.find(
-            store.claimable(now), hint=CLAIM_INDEX, sort=[("scheduledAt", 1)]
+        store.messages.collection.insert_many(sent + future + due)
+        query = store.messages.collection.find(
+            store.messages.claimable(now), hint=CLAIM_INDEX, sort=[("scheduledAt", 1)]
         )
         explained = query.explain()
         stats = explained["executionStats"]

@@ -63,7 +63,8 @@ from soak import SETTING_PREFIXES  # noqa: E402
 from poller.breaker import Breakers  # noqa: E402
 from poller.pacing import Pacing  # noqa: E402
 from poller.settings import Settings  # noqa: E402
-from poller.store import CLAIM_INDEX, Store  # noqa: E402
+from poller.store import Store  # noqa: E402
+from poller.store.messages import CLAIM_INDEX  # noqa: E402
 from poller.testing.mongo import mongo_daemon  # noqa: E402
 from poller.testing.waha import WahaSimulator  # noqa: E402
 from poller.tick import tick  # noqa: E402
@@ -156,7 +157,7 @@ def indexed(env: Bench, db: str) -> Collection[Doc]:
     """The messages collection of `db`, with the indexes poller makes: the reference gets them."""
     store = Store(env.client, Settings(mongodb_uri=env.uri, mongodb_db=db))
     store.ensure_indexes()
-    return store.messages
+    return store.messages.collection
 
 
 def wait_sent(messages: Collection[Doc], count: int, timeout: float) -> None:
@@ -287,11 +288,11 @@ def round_trips(count: int, env: Bench, out: dict[str, Figures]) -> None:
         store.ensure_indexes()
         due = datetime.now(UTC) - timedelta(seconds=5)
         tag = f"8{DESIGNS.index(design)}00"
-        store.messages.insert_many([message(n, due, tag) for n in range(count)])
+        store.messages.collection.insert_many([message(n, due, tag) for n in range(count)])
         commands.round_trips = 0
         if design == "reference":
             with httpx.Client(base_url=env.waha.url, headers={"X-Api-Key": KEY}) as http:
-                sent = reference.wake(store.messages, http, threading.Event())
+                sent = reference.wake(store.messages.collection, http, threading.Event())
         else:
             sent = drain(store, WahaClient(env.waha.url, KEY, 30), settings.batch_size)
         if sent != count:
@@ -308,17 +309,19 @@ def examined(count: int, rows: int, env: Bench, out: dict[str, Figures]) -> None
     )
     store = Store.connect(settings)
     store.ensure_indexes()  # the reference design gets the poller's indexes too
-    history(store.messages, rows)
+    history(store.messages.collection, rows)
     due = datetime.now(UTC) - timedelta(seconds=5)
-    store.messages.insert_many([message(n, due, "8000") for n in range(count)])
+    store.messages.collection.insert_many([message(n, due, "8000") for n in range(count)])
     now = datetime.now(UTC)
     window = {"$gte": now - reference.LOOKBACK, "$lte": now}
     claims = {
         # find_one_and_update's query, as a find: the one document it picks
-        "reference": store.messages.find({"isPicked": False, "scheduledAt": window}, limit=1),
+        "reference": store.messages.collection.find(
+            {"isPicked": False, "scheduledAt": window}, limit=1
+        ),
         # Store.claim's first read of due messages, a batch of them
-        "poller": store.messages.find(
-            store.claimable(now), {"_id": 1}, limit=settings.batch_size
+        "poller": store.messages.collection.find(
+            store.messages.claimable(now), {"_id": 1}, limit=settings.batch_size
         ).hint(CLAIM_INDEX),
     }
     for design, query in claims.items():
@@ -330,7 +333,7 @@ def examined(count: int, rows: int, env: Bench, out: dict[str, Figures]) -> None
 def drain(store: Store, waha: WahaClient, batch_size: int) -> int:
     """Tick until a tick claims nothing; how many messages were sent."""
     sent = 0
-    breakers = Breakers(store.retry_delay)
+    breakers = Breakers(store.timings.retry)
     while True:
         counts = tick(store, waha, batch_size, breakers=breakers, pacing=Pacing())
         sent += counts.sent

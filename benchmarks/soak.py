@@ -6,13 +6,16 @@ Starts SecantusDB as its own process (`poller.testing.mongo.mongo_daemon`), the 
 (5 % of sendText answered with a 500, half of those after delivering) and `--replicas` daemons
 ticking every second. A feeder inserts about `--rate` messages a second, each to its own chat,
 due 0 to 5 s later, some through `sessionId` and some in a campaign. Meanwhile it injects, spread
-over the run: a replica SIGKILLed while it sends (and a replacement started), WAHA down for 3 s,
-bursts of MongoDB command failures, a MongoDB restart and a slow WAHA (2.5 s per send, above the
-2 s timeout). Then it stops feeding, waits up to 120 s for every message to end `sent`, `failed`,
-`expired` or `unknown`, stops the replicas with SIGTERM and prints what happened.
+over the run: a replica SIGKILLed while it sends or holds claims (the others take its claims
+over once its lease ends; a replacement is started), WAHA down for 3 s, bursts of MongoDB
+command failures, a MongoDB restart and a slow WAHA (2.5 s per send, above the 2 s timeout).
+Then it stops feeding, waits up to 120 s for every message to end `sent`, `failed`, `expired` or
+`unknown`, stops the replicas with SIGTERM and prints what happened.
 
 Exit code 1 when a chat received a message twice or a message was lost (not settled at the end,
-or marked `sent` although WAHA never received it); 0 otherwise.
+or marked `sent` although WAHA never received it), or when no replica could be killed with a
+message in flight; 0 otherwise: every message WAHA received was received once, and every
+message marked `sent` was received.
 
 SecantusDB is much slower than mongod: lateness and drain times measured here are upper bounds
 of what a real deployment sees. Everything listens on 127.0.0.1; the replicas' logs stay in the
@@ -44,7 +47,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from rich.console import Console
 from rich.table import Table
 
-from poller.store import FINAL, SENT
+from poller.contract import FINAL, SENT
 from poller.testing.mongo import MongoDaemon, mongo_daemon
 from poller.testing.waha import WahaSimulator
 
@@ -55,6 +58,7 @@ KEY = "soak-key"
 SESSIONS = ("s1", "s2", "s3")
 DRAIN_SECONDS = 120.0  # at most this long after feeding stops for every message to settle
 STOP_SECONDS = 15.0  # SIGTERM, then SIGKILL after this long
+KILL_WAIT_SECONDS = 30.0  # at most this long for a replica with a message in flight to kill
 REPLICA_ENV = {
     "POLL_INTERVAL_SECONDS": "1",
     "LEASE_SECONDS": "5",
@@ -163,8 +167,9 @@ def replica_environment(daemon: MongoDaemon, waha: WahaSimulator) -> dict[str, s
     return env
 
 
-def wait_for_heartbeats(db: Any, count: int, timeout: float = 20.0) -> None:
-    """Until `count` replicas wrote a heartbeat: they are connected and ticking."""
+def wait_for_heartbeats(db: Any, count: int, timeout: float = 120.0) -> None:
+    """Until `count` replicas wrote a heartbeat: they are connected and ticking (a generous
+    limit: starting Python processes on a busy machine is slow)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if len(db["pollerheartbeats"].distinct("instance")) >= count:
@@ -271,28 +276,34 @@ def seed_collections(db: Any) -> Doc:
 
 
 def kill_replica(soak: Soak) -> str:
-    """SIGKILL a replica while it has a message in flight, and start a replacement."""
-    victim = soak.rng.choice(soak.replicas.running())
-    doc = wait_for_work(soak.messages, instance(victim), timeout=10.0)
+    """SIGKILL a replica while it has a message in flight, and start a replacement: the first
+    replica seen sending (or, after half the wait, with a message claimed) is the victim."""
+    owners = {instance(name): name for name in soak.replicas.running()}
+    found = wait_for_work(soak.messages, owners, timeout=KILL_WAIT_SECONDS)
+    if found is None:
+        raise RuntimeError(f"no replica had a message in flight within {KILL_WAIT_SECONDS:g} s")
+    victim, doc = found
     soak.replicas.kill(victim)
     replacement = soak.replicas.start()
-    if doc is None:
-        return f"SIGKILL {victim} with no message in flight seen; started {replacement}"
     # Seen a few milliseconds before the SIGKILL: the send may have completed in between.
     soak.caught[doc["_id"]] = f"seen {doc['status']} by {victim} just before its SIGKILL"
     return f"SIGKILL {victim} while {doc['status']} {doc['chatId']}; started {replacement}"
 
 
-def wait_for_work(messages: Collection[Doc], owner: str, timeout: float) -> Doc | None:
-    """A message `owner` is sending (or, after half the time, has claimed), once it has one."""
+def wait_for_work(
+    messages: Collection[Doc], owners: dict[str, str], timeout: float
+) -> tuple[str, Doc] | None:
+    """The first of `owners` (instance id -> replica) seen sending a message (or, after half the
+    time, with one claimed), and that message."""
     began = time.monotonic()
     fields = {"pickedBy": 1, "status": 1, "chatId": 1}
     while (waited := time.monotonic() - began) < timeout:
         wanted = ["sending"] if waited < timeout / 2 else ["sending", "claimed"]
         try:
             for doc in messages.find({"status": {"$in": wanted}}, fields):
-                if str(doc.get("pickedBy", "")).startswith(f"{owner}/"):
-                    return doc
+                owner = str(doc.get("pickedBy", "")).split("/", 1)[0]
+                if owner in owners:
+                    return owners[owner], doc
         except PyMongoError:
             pass
         time.sleep(0.005)
@@ -531,6 +542,19 @@ def report(
     console.print(faults)
 
 
+def verdict(results: Results) -> list[str]:
+    """What makes the soak fail: a message delivered twice or lost, or a replica kill that
+    caught no message in flight (then exactly-once under a crash was not tested)."""
+    problems = []
+    if results.duplicates:
+        problems.append(f"{len(results.duplicates)} chat(s) received a message twice")
+    if results.lost:
+        problems.append(f"{results.lost} message(s) lost")
+    if not results.caught:
+        problems.append("no replica was SIGKILLed with a message in flight")
+    return problems
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -576,7 +600,10 @@ def soak(args: argparse.Namespace, folder: Path) -> int:
             codes = replicas.stop()
             results = collect(run.messages, db, waha, run.caught)
             report(results, run, drain_seconds, codes, folder, args)
-            return 1 if results.duplicates or results.lost else 0
+            problems = verdict(results)
+            for problem in problems:
+                console.print(f"[bold red]soak failed:[/] {problem}")
+            return 1 if problems else 0
         finally:
             stop.set()
             replicas.stop()  # again after an error: nothing is left running

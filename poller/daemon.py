@@ -1,4 +1,5 @@
-"""The process: `once` runs one tick; `run` runs ticks on a timer until SIGTERM or SIGINT."""
+"""The process: `once` runs one tick (and the ones due within an interval); `run` runs ticks on
+APScheduler's timer, brought forward when a message comes due, until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -7,24 +8,29 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import FrameType
+from typing import Any
 
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from loguru import logger
 from pymongo.errors import PyMongoError
 
 from poller import __version__, log
 from poller.breaker import Breakers
+from poller.counts import TickCounts
 from poller.metrics import Metrics
 from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
-from poller.tick import TickCounts, tick
+from poller.tick import tick
 from poller.waha import WahaClient
-from poller.watch import Alarm, Watcher
+from poller.watch import Watcher
+
+# Early ticks start at least this long after the previous tick started: messages due a few
+# milliseconds apart are claimed by one tick, not one tick each.
+TICK_GAP = timedelta(milliseconds=250)
 
 
 class Poller:
@@ -37,7 +43,7 @@ class Poller:
             settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds
         )
         # WAHA's failures carry over from one tick to the next, for this process's lifetime.
-        self.breakers = Breakers(timedelta(seconds=settings.retry_seconds))
+        self.breakers = Breakers(self.store.timings.retry)
         self.pacing = Pacing.from_settings(settings)
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
@@ -71,10 +77,11 @@ class Poller:
         finally:
             self.tick_started = None
         self.last_tick = (datetime.now(UTC), counts)
-        logger.info("tick: {}", counts.summary())
+        busy = any(v for k, v in counts.totals().items() if k != "key_rejected")
+        (logger.info if busy else logger.debug)("tick: {}", counts.summary())
         if self.metrics:
             try:
-                due = self.store.count_due(self.last_tick[0])
+                due = self.store.messages.count_due(self.last_tick[0])
             except PyMongoError:
                 due = -1  # the tick itself went through; only the backlog count is missing
             self.metrics.record(counts, time.monotonic() - began, due)
@@ -95,11 +102,12 @@ class Poller:
                 return total
 
     def heartbeat(self) -> None:
-        """Tell the web app, `poller check` and `poller status` that this process is alive."""
+        """Tell the web app, `poller check` and `poller status` that this process is alive.
+        Only MongoDB is asked: a hung WAHA never delays it (WAHA's sessions are the last
+        tick's list)."""
         last_at, last_counts = self.last_tick or (None, None)
-        sessions = self.waha.sessions()
         now = datetime.now(UTC)
-        self.store.beat(
+        self.store.heartbeats.beat(
             {
                 # False when ticks stopped completing: `poller check` then reports it down.
                 "ticking": self.ticking(now),
@@ -110,8 +118,8 @@ class Poller:
                 "startedAt": self.started_at,
                 "lastTickAt": last_at,
                 "lastTick": last_counts.totals() if last_counts else None,
-                # None when WAHA did not answer: nothing can be sent (README: "system down").
-                "wahaSessions": sessions if isinstance(sessions, list) else None,
+                # None when the last tick could not list them: nothing can be sent.
+                "wahaSessions": last_counts.sessions if last_counts else None,
                 "tickRunningSince": self.tick_started,
             },
             now,
@@ -123,15 +131,14 @@ class Poller:
         if self.tick_started is not None:
             return True
         last = self.last_tick[0] if self.last_tick else self.started_at
-        slack = timedelta(seconds=2 * self.settings.poll_interval_seconds + 60)
+        slack = 2 * self.store.timings.tick_interval + timedelta(seconds=60)
         return now - last <= slack
 
     def healthy(self) -> bool:
         """What /healthz answers: heartbeats are being written and ticks are completing."""
         now = datetime.now(UTC)
-        beating = (
-            self.last_beat is not None and now - self.last_beat <= self.store.heartbeat_max_age
-        )
+        max_age = self.store.timings.heartbeat_max_age
+        beating = self.last_beat is not None and now - self.last_beat <= max_age
         return beating and self.ticking(now)
 
     def close(self) -> None:
@@ -143,19 +150,19 @@ def once(settings: Settings) -> int:
     """One tick, and one more for each message or paced turn that comes due within
     POLL_INTERVAL_SECONDS. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the
     API key."""
-    stop = _stop_on_signals()
-    poller = _open(settings, "MongoDB is unavailable")
-    if poller is None:
-        return 1
-    until = datetime.now(UTC) + timedelta(seconds=settings.poll_interval_seconds)
-    try:
-        counts = poller.ticks_until(until, stop)
-    except PyMongoError as exc:
-        logger.error("MongoDB is unavailable: {}", exc)
-        return 1
-    finally:
-        poller.close()
-    return 1 if counts.key_rejected else 0
+    with Stop() as stop:
+        poller = _open(settings, "MongoDB is unavailable")
+        if poller is None:
+            return 1
+        until = datetime.now(UTC) + timedelta(seconds=settings.poll_interval_seconds)
+        try:
+            counts = poller.ticks_until(until, stop)
+        except PyMongoError as exc:
+            logger.error("MongoDB is unavailable: {}", exc)
+            return 1
+        finally:
+            poller.close()
+        return 1 if counts.key_rejected else 0
 
 
 def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
@@ -184,136 +191,192 @@ _logging_set_up = threading.Event()
 
 
 def run(settings: Settings) -> int:
-    """Tick every POLL_INTERVAL_SECONDS until SIGTERM/SIGINT; 0 after a clean stop."""
-    stop = _stop_on_signals()
-    poller = _open(settings, "crashed: MongoDB is unavailable at start-up")
-    if poller is None:
-        return 1
-    server = None
-    if settings.health_port:
-        poller.metrics = Metrics()
-        address = f"{settings.health_host}:{settings.health_port}"
-        try:
-            server = poller.metrics.serve(
-                settings.health_host, settings.health_port, poller.healthy
-            )
-        except OSError as exc:
-            logger.error("crashed: cannot serve metrics on {}: {}", address, exc)
-            poller.close()
+    """Tick every POLL_INTERVAL_SECONDS, and when a message comes due, until SIGTERM/SIGINT;
+    0 after a clean stop."""
+    with Stop() as stop:
+        poller = _open(settings, "crashed: MongoDB is unavailable at start-up")
+        if poller is None:
             return 1
-        logger.info("metrics on http://{}/metrics", address)
+        server = None
+        if settings.health_port:
+            poller.metrics = Metrics()
+            address = f"{settings.health_host}:{settings.health_port}"
+            try:
+                server = poller.metrics.serve(
+                    settings.health_host, settings.health_port, poller.healthy
+                )
+            except OSError as exc:
+                logger.error("crashed: cannot serve metrics on {}: {}", address, exc)
+                poller.close()
+                return 1
+            logger.info("metrics on http://{}/metrics", address)
 
-    def safe_tick() -> None:
-        if stop.is_set():
-            return
-        next_at = None
-        last_start[0] = datetime.now(UTC)
-        ticking.set()
-        try:
-            next_at = poller.tick(stop).next_at
-        except PyMongoError as exc:
-            logger.error("tick skipped, MongoDB is unavailable: {}", exc)
-        except Exception:
-            logger.exception("tick failed unexpectedly; the next tick will try again")
-        finally:
-            ticking.clear()
-        if next_at is not None:
-            alarm.ring(next_at)
-
-    def safe_heartbeat() -> None:
-        try:
-            poller.heartbeat()
-        except PyMongoError as exc:
-            logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
-
-    # A tick (the next due message, a session's next turn) and the watcher (a message written
-    # meanwhile) ring the alarm; this thread then brings the next tick forward.
-    alarm = Alarm()
-    ticking = threading.Event()
-    last_start = [datetime.now(UTC)]
-    early: list[datetime | None] = [None]  # when this thread last brought the tick forward to
-    scheduler = BackgroundScheduler(timezone=UTC)
-    for job, seconds in (
-        (safe_tick, settings.poll_interval_seconds),
-        (safe_heartbeat, settings.heartbeat_seconds),
-    ):
-        scheduler.add_job(
-            job,
-            "interval",
-            id=job.__name__,
-            seconds=seconds,
-            next_run_time=datetime.now(UTC),
-            max_instances=1,  # never two ticks (or two heartbeats) at once
-            coalesce=True,  # after a long tick, run once, not once per missed interval
-            misfire_grace_time=None,
+        scheduler = BackgroundScheduler(timezone=UTC)
+        wakeup = Wakeup(scheduler, "tick")
+        jobs: list[tuple[Callable[[], None], str, float]] = [
+            (
+                lambda: wakeup.run(lambda: _tick(poller, stop)),
+                "tick",
+                settings.poll_interval_seconds,
+            ),
+            (lambda: _heartbeat(poller), "heartbeat", settings.heartbeat_seconds),
+        ]
+        for job, job_id, seconds in jobs:
+            scheduler.add_job(
+                job,
+                "interval",
+                id=job_id,
+                seconds=seconds,
+                next_run_time=datetime.now(UTC),
+                max_instances=1,  # never two ticks (or two heartbeats) at once
+                coalesce=True,  # after a long tick, run once, not once per missed interval
+                misfire_grace_time=None,
+            )
+        scheduler.start()
+        logger.info(
+            "running: a tick every {:g} s, and when a message is due",
+            settings.poll_interval_seconds,
         )
+        watcher = Watcher(poller.store, wakeup.ask, stop)
+        watcher.start()
 
-    def on_skipped(event: JobSubmissionEvent) -> None:
-        # The early tick came while a tick was still running: ask again once that one ends.
-        if event.job_id == "safe_tick" and early[0] in event.scheduled_run_times:
-            alarm.ring(datetime.now(UTC))
-
-    scheduler.add_listener(on_skipped, EVENT_JOB_MAX_INSTANCES)
-    scheduler.start()
-    logger.info(
-        "running: a tick every {:g} s, and when a message is due", settings.poll_interval_seconds
-    )
-    watcher = Watcher(poller.store, alarm.ring, stop)
-    watcher.start()
-
-    # The scheduler is changed from this thread only: shutdown() holds its lock while it waits
-    # for the tick in progress, which must not be the one to ask for it.
-    pending: datetime | None = None
-    while not stop.is_set():
-        at = alarm.take(0.25)
-        if at is not None:
-            pending = min(pending, at) if pending else at
-        if pending is not None and not ticking.is_set():
-            early[0] = _tick_again_at(scheduler, max(pending, last_start[0] + TICK_GAP))
-            pending = None
-    scheduler.shutdown(wait=True)  # waits for the tick in progress
-    # It sees `stop` within a second, or once its read gives up while MongoDB is unreachable.
-    watcher.join(timeout=settings.mongodb_timeout_seconds + 2)
-    if server is not None:
-        server.shutdown()
-        server.server_close()
-    try:
-        poller.store.remove_beat()  # the web app sees "stopped" at once, not after the TTL
-    except PyMongoError as exc:
-        logger.warning("heartbeat not removed: {}", exc)
-    poller.close()
-    logger.info("stopped")
-    return 0
+        stop.wait()
+        wakeup.close()  # waits for the tick in progress: it finishes the message in flight
+        scheduler.shutdown(wait=True)
+        # It sees `stop` within a second, or once its read gives up while MongoDB is unreachable.
+        watcher.join(timeout=settings.mongodb_timeout_seconds + 2)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        try:
+            # The web app sees "stopped" at once, not after the heartbeat's TTL.
+            poller.store.heartbeats.remove()
+        except PyMongoError as exc:
+            logger.warning("heartbeat not removed: {}", exc)
+        poller.close()
+        logger.info("stopped")
+        return 0
 
 
-def _tick_again_at(scheduler: BackgroundScheduler, when: datetime) -> datetime | None:
-    """Bring the next tick forward to `when` (a message due, a paced session's next turn);
-    the time it was moved to, if it was."""
-    job = scheduler.get_job("safe_tick")
-    # A moment from now at the earliest: the last tick must have returned when the next starts.
-    when = max(when, datetime.now(UTC) + timedelta(milliseconds=50))
-    if job is None or job.next_run_time is None or when >= job.next_run_time:
+def _tick(poller: Poller, stop: threading.Event) -> datetime | None:
+    """One tick of `poller run`; when to tick next, if before the timer."""
+    if stop.is_set():
         return None
-    scheduler.modify_job("safe_tick", next_run_time=when)
-    return when
+    try:
+        return poller.tick(stop).next_at
+    except PyMongoError as exc:
+        logger.error("tick skipped, MongoDB is unavailable: {}", exc)
+    except Exception:
+        logger.exception("tick failed unexpectedly; the next tick will try again")
+    return None
 
 
-# Early ticks start at least this long after the previous tick started: messages due a few
-# milliseconds apart are claimed by one tick, not one tick each.
-TICK_GAP = timedelta(milliseconds=250)
+def _heartbeat(poller: Poller) -> None:
+    try:
+        poller.heartbeat()
+    except PyMongoError as exc:
+        logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGTERM (systemd, Docker) and SIGINT (PM2, Ctrl-C) set the returned flag, nothing more."""
-    stop = threading.Event()
+class Wakeup:
+    """Brings the scheduler's next tick forward: to when the last tick says the next message
+    comes due, or when the watcher sees a message written meanwhile.
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop.set()  # the tick notices it between two messages
-        logger.info("received {}: finishing the message in flight", signal.Signals(signum).name)
+    A tick is never moved while one runs (the scheduler would skip the moved run): what is
+    asked for meanwhile is kept, and the tick that runs asks for it as it ends. `close` waits
+    for the tick in progress; after it, nothing moves the job any more, so that the scheduler's
+    shutdown never waits for a tick that waits for the scheduler.
+    """
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
+    def __init__(self, scheduler: BackgroundScheduler, job_id: str) -> None:
+        self._scheduler = scheduler
+        self._job_id = job_id
+        self._lock = threading.Condition()
+        self._running = False
+        self._closed = False
+        self._asked: datetime | None = None
+        self._last_start = datetime.now(UTC)
+
+    def ask(self, at: datetime) -> None:
+        """Tick at `at` at the latest (from any thread)."""
+        with self._lock:
+            if self._running:
+                self._asked = min(self._asked or at, at)
+            elif not self._closed:
+                self._move(at)
+
+    def run(self, work: Callable[[], datetime | None]) -> None:
+        """Run one tick (`work`, which returns when it wants the next), as the scheduler's job."""
+        with self._lock:
+            if self._closed:
+                return
+            self._running, self._last_start = True, datetime.now(UTC)
+        next_at = None
+        try:
+            next_at = work()
+        finally:
+            with self._lock:
+                self._running = False
+                wanted = [at for at in (next_at, self._asked) if at is not None]
+                self._asked = None
+                if wanted and not self._closed:
+                    self._move(min(wanted))
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.wait_for(lambda: not self._running)
+
+    def _move(self, at: datetime) -> None:
+        # Not before the last tick started plus the gap, and a moment from now at the earliest.
+        at = max(at, self._last_start + TICK_GAP, datetime.now(UTC) + timedelta(milliseconds=50))
+        job = self._scheduler.get_job(self._job_id)
+        if job is not None and job.next_run_time is not None and at < job.next_run_time:
+            self._scheduler.modify_job(self._job_id, next_run_time=at)
+
+
+class Stop(threading.Event):
+    """Set when SIGTERM (systemd, Docker) or SIGINT (PM2, Ctrl-C) arrives.
+
+    The signal handlers only note the signal (`signal`): setting an Event or logging from a
+    handler can deadlock with the code it interrupted. The interpreter also writes the signal's
+    number to a pipe (`signal.set_wakeup_fd`), and a thread reading it sets the event and logs.
+    Used as a context manager, it puts the previous handlers back on exit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal: str | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous: list[Any] = []
+
+    def __enter__(self) -> Stop:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous.append((signum, signal.signal(signum, self._note)))
+        self._previous.append(signal.set_wakeup_fd(self._write, warn_on_full_buffer=False))
+        threading.Thread(target=self._relay, name="signals", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._previous.pop())
+        for signum, handler in self._previous:
+            signal.signal(signum, handler)
+        os.close(self._write)  # the relay thread reads the end of the pipe and returns
+
+    def _note(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def _relay(self) -> None:
+        try:
+            while got := os.read(self._read, 1):  # empty once the pipe is closed
+                if got[0] in (signal.SIGTERM, signal.SIGINT):  # not another handler's signal
+                    name = signal.Signals(got[0]).name
+                    logger.info("received {}: finishing the message in flight", name)
+                    self.set()
+        finally:
+            os.close(self._read)
 
 
 def _open(settings: Settings, failure: str) -> Poller | None:

@@ -10,7 +10,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from poller.tick import TickCounts
+from poller.counts import TickCounts
 
 OUTCOMES = ("sent", "retried", "failed", "expired", "unknown", "cancelled")
 
@@ -65,7 +65,7 @@ class Metrics:
 
         # One thread per request: a slow scraper does not hold up /healthz.
         server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return server
 
 

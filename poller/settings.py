@@ -90,7 +90,7 @@ class Settings:
             mongodb_uri=uri,
             mongodb_db=db,
             waha_url=_http_url(env, "WAHA_URL", cls.waha_url),
-            waha_api_key=env.get("WAHA_API_KEY", "").strip(),
+            waha_api_key=_header_value(env, "WAHA_API_KEY"),
             poll_interval_seconds=_number(env, "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds),
             lookback_seconds=_number(env, "LOOKBACK_SECONDS", cls.lookback_seconds),
             lease_seconds=_number(env, "LEASE_SECONDS", cls.lease_seconds),
@@ -230,6 +230,21 @@ def _port(env: Mapping[str, str], name: str) -> int | None:
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise ConfigError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
     return int(raw)
+
+
+def _header_value(env: Mapping[str, str], name: str) -> str:
+    """A value sent as an HTTP header: printable ASCII only. The error names the position of
+    the first other character, never the value, which is a secret."""
+    raw = env.get(name, "")
+    value = raw.strip()
+    for offset, char in enumerate(value):
+        if not (char.isascii() and char.isprintable()):
+            position = raw.index(value) + offset + 1
+            raise ConfigError(
+                f"{name} has a character an HTTP header cannot carry at position {position} "
+                f"(U+{ord(char):04X}); retype it with plain ASCII letters, digits and symbols"
+            )
+    return value
 
 
 def _http_url(env: Mapping[str, str], name: str, default: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -21,7 +21,7 @@ def check(settings: Settings, instance: str | None = None) -> int:
     try:
         store = Store.connect(settings)  # a mongodb+srv:// name is resolved here
         try:
-            live = store.live_heartbeats(now, instance)
+            live = store.heartbeats.live(now, instance)
         finally:
             store.close()
     except PyMongoError as exc:
@@ -47,7 +47,7 @@ def status(settings: Settings, as_json: bool = False) -> int:
     try:
         store = Store.connect(settings)
         try:
-            overview = store.overview(now)
+            overview = _overview(store, now)
         finally:
             store.close()
     except PyMongoError as exc:
@@ -58,6 +58,20 @@ def status(settings: Settings, as_json: bool = False) -> int:
     else:
         _render(overview, now)
     return 0
+
+
+def _overview(store: Store, now: datetime) -> dict[str, Any]:
+    """Live pollers, the message backlog, the last 24 hours' outcomes, running campaigns."""
+    return {
+        "instances": store.heartbeats.live(now),
+        "messages": {
+            "dueNow": store.messages.count_due(now),
+            "inProgress": store.messages.in_progress(),
+            "scheduledLater": store.messages.scheduled_later(now),
+        },
+        "last24h": store.messages.outcomes_since(now - timedelta(hours=24)),
+        "campaigns": store.campaigns.running(),
+    }
 
 
 def _render(overview: dict[str, Any], now: datetime) -> None:

@@ -38,6 +38,9 @@ class WahaClient:
             raise ValueError("WAHA base URL must start with http:// or https://")
         if timeout_seconds <= 0:
             raise ValueError("WAHA timeout must be positive")
+        if not (api_key.isascii() and api_key.isprintable()):
+            # Never the key itself in the message: it is a secret.
+            raise ValueError("WAHA API key must be printable ASCII: an HTTP header cannot carry it")
         headers = {"User-Agent": f"poller/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["X-Api-Key"] = api_key
@@ -50,6 +53,8 @@ class WahaClient:
             headers=headers,
             # Connecting fails fast; the read waits past WAHA's 5 s session check.
             timeout=_timeout(timeout_seconds),
+            # WAHA closes a connection idle 5 s (Keep-Alive: timeout=5): drop ours before it does.
+            limits=httpx.Limits(keepalive_expiry=4.0),
         )
 
     def close(self) -> None:
@@ -75,16 +80,14 @@ class WahaClient:
         return self._post("/api/sendImage" if image else "/api/sendFile", body, session)
 
     def chat_action(self, path: str, session: str, chat_id: str) -> Outcome:
-        """`/api/sendSeen`, `/api/startTyping` or `/api/stopTyping` for a chat; quick to give up,
-        since nothing depends on it."""
+        """`/api/sendSeen`, `/api/startTyping` or `/api/stopTyping` for a chat, answered like a
+        send: WAHA's 404/422 for a session that cannot send come after its own 5 s wait."""
         body = {"session": session, "chatId": chat_id}
-        return self._post(path, body, session, timeout=min(5.0, self.timeout))
+        return self._post(path, body, session)
 
-    def _post(
-        self, path: str, body: dict[str, Any], session: str, timeout: float | None = None
-    ) -> Outcome:
+    def _post(self, path: str, body: dict[str, Any], session: str) -> Outcome:
         try:
-            response = self._http.post(path, json=body, timeout=_timeout(timeout or self.timeout))
+            response = self._http.post(path, json=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return self._unreachable(exc)
         except httpx.WriteTimeout as exc:  # the request was not fully sent: WAHA cannot act on it
@@ -101,30 +104,36 @@ class WahaClient:
         """A pre-generated id for the next message (WAHA 2026.4.3+, NOWEB and GOWS engines).
 
         None when this WAHA does not offer ids (remembered: not asked again); an Outcome when
-        the request failed in a way that stops this message for now (nothing was sent).
+        the request failed in a way that stops this message for now (nothing was sent). Never
+        a SENT outcome: this request sends nothing.
         """
         if not self.offers_ids:
             return None
+        path = f"/api/{_segment(session)}/new-message-id"
         try:
-            response = self._http.get(f"/api/{quote(session, safe='')}/new-message-id")
+            response = self._http.get(path)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             return self._unreachable(exc)
         except httpx.HTTPError as exc:
             return Outcome(Verdict.RETRY, f"WAHA gave no message id ({_kind(exc)})")
         code, body = response.status_code, _json(response)
-        if (
-            code == 200
-            and isinstance(body, dict)
-            and isinstance(body.get("id"), str)
-            and body["id"]
-        ):
-            return str(body["id"])
         said = _said(body)
-        if (code in (404, 405) and "find a session" not in said) or "not implemented" in said:
-            self.offers_ids = False  # no such route, or an engine without it
+        if 200 <= code < 300:
+            if isinstance(body, dict) and isinstance(body.get("id"), str) and body["id"]:
+                return str(body["id"])
+            reason = (
+                "WAHA answered new-message-id without a message id "
+                f"({code}, {_content_type(response)})"
+            )
+            return Outcome(Verdict.RETRY, reason, status_code=code)
+        if _no_route(code, body, path) or (code == 422 and "not implemented" in said):
+            self.offers_ids = False  # this WAHA has no such route, or its engine has no ids
             return None
-        if code >= 500:
-            return Outcome(Verdict.RETRY, f"WAHA gave no message id ({code}{said})", None, code)
+        if code == 404 and "find a session" in said:
+            return classify(code, body, session)
+        if code in (404, 405) or code >= 500:
+            reason = f"WAHA gave no message id ({code}{said or ', ' + _content_type(response)})"
+            return Outcome(Verdict.RETRY, reason, None, code)
         return classify(code, body, session)
 
     def _unreachable(self, exc: Exception) -> Outcome:
@@ -176,6 +185,28 @@ def classify(code: int, body: Any, session: str) -> Outcome:
         )
         return Outcome(Verdict.FAILED, reason, None, code)
     return Outcome(Verdict.FAILED, f"WAHA refused the message ({code}{said})", None, code)
+
+
+def _segment(value: str) -> str:
+    """`value` as one path segment: percent-encoded, dots too, so it cannot address another route
+    (`quote` leaves `.` and `..` alone, and httpx would resolve them)."""
+    return quote(value, safe="").replace(".", "%2E")
+
+
+def _no_route(code: int, body: Any, path: str) -> bool:
+    """Express's own 404 for a path no route serves (`Cannot GET <path>`), unlike WAHA's 404 for
+    a session it does not know."""
+    message = body.get("message") if isinstance(body, dict) else None
+    return (
+        code == 404
+        and isinstance(message, str)
+        and message.startswith("Cannot GET ")
+        and message.endswith(path)
+    )
+
+
+def _content_type(response: httpx.Response) -> str:
+    return str(response.headers.get("Content-Type", "no content type")).split(";")[0].strip()
 
 
 def _json(response: httpx.Response) -> Any:

@@ -51,30 +51,6 @@ AWAIT_SECONDS = 1.0
 RETRY_SECONDS = 1.0
 
 
-class Alarm:
-    """The earliest moment a tick was asked for, kept until the main thread takes it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._at: datetime | None = None
-        self._rung = threading.Event()
-
-    def ring(self, at: datetime) -> None:
-        with self._lock:
-            if self._at is None or at < self._at:
-                self._at = at
-        self._rung.set()
-
-    def take(self, timeout: float) -> datetime | None:
-        """The earliest moment asked for since the last take, waiting up to `timeout` for one."""
-        if not self._rung.wait(timeout):
-            return None
-        with self._lock:
-            self._rung.clear()
-            at, self._at = self._at, None
-        return at
-
-
 class Watcher(threading.Thread):
     """Rings the alarm at the due time of each message inserted or rescheduled.
 
@@ -92,7 +68,9 @@ class Watcher(threading.Thread):
         self.watching = threading.Event()  # set while the change stream is open
         self.opened = False  # it was open once: a log line said so
         # A read waits for a change less than the operation timeout, or it would time out.
-        self.await_ms = int(1000 * min(AWAIT_SECONDS, store.timeout.total_seconds() / 2))
+        self.await_ms = int(
+            1000 * min(AWAIT_SECONDS, store.timings.mongodb_timeout.total_seconds() / 2)
+        )
 
     def run(self) -> None:
         token: Any = None
@@ -120,13 +98,13 @@ class Watcher(threading.Thread):
 
     def _watch(self, token: Any) -> Any:
         """Ring for each change until stopped; the resume token of the last change read."""
-        with self.store.messages.watch(
+        with self.store.messages.collection.watch(
             CHANGES, resume_after=token, max_await_time_ms=self.await_ms
         ) as stream:
             if token is None:  # what was written before this moment, a tick reads
                 self.ring(datetime.now(UTC))
             if not self.opened:
-                logger.info("watching {} for new messages", self.store.messages.name)
+                logger.info("watching {} for new messages", self.store.messages.collection.name)
                 self.opened = True
             self.watching.set()
             while not self.stop.is_set() and stream.alive:

@@ -1,18 +1,21 @@
-"""Fixtures: a real MongoDB wire-protocol server, a fresh database per test, the WAHA simulator."""
+"""Fixtures: a real MongoDB wire-protocol server, a fresh database per test, the WAHA simulator.
+Hooks: the slow tests marked, and each test's log lines scanned for secrets."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pymongo import MongoClient
-from support import API_KEY, SECRETS, SUITE_LOGS
+from support import API_KEY, child_logs, leaked_lines, suite_secrets
 
 from poller.settings import Settings
 from poller.store import Store
@@ -21,36 +24,87 @@ from poller.testing.waha import Request, WahaSimulator
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI = Path(os.environ.get("WAHA_OPENAPI", ROOT.parent / "shared" / "waha" / "openapi.json"))
-LOGS_CHECK = "test_log.py::test_no_secret_in_any_log_line_of_the_suite"
+
+# Slow tests in files that do not mark them themselves (`make test` leaves slow tests out).
+SLOW = ("tests/test_bad_input.py::test_arbitrary_documents_never_stop_the_poller",)
 
 
-# -- every log line of the suite, for the secrets check -----------------------------------------
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
+# -- every log line of every test, scanned for secrets -------------------------------------------
+# A test fails when a WAHA key or MongoDB password of the suite shows in what it logged: its
+# stdout, stderr and log records, and the stderr of every Python process it started, which
+# capture/sitecustomize.py copies into a folder of the test's own (POLLER_TEST_LOGS).
+
+SECRETS_IN_LOGS = suite_secrets()
+LOGS = pytest.StashKey[Path]()
+REPORTED = pytest.StashKey[set[str]]()
+_logs_root = Path()
+_numbers = itertools.count()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ["POLLER_TEST_LOGS"] = str(SUITE_LOGS[0])
+    global _logs_root
+    _logs_root = Path(tempfile.mkdtemp(prefix="poller-test-logs-"))
     paths = [str(ROOT / "tests" / "capture"), os.environ.get("PYTHONPATH", "")]
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(SUITE_LOGS[0], ignore_errors=True)
+    shutil.rmtree(_logs_root, ignore_errors=True)
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    SUITE_LOGS[1].append(report.capstdout + report.capstderr + report.caplog)
+@pytest.hookimpl(tryfirst=True)  # before any fixture of the test starts a process
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    folder = _logs_root / str(next(_numbers))
+    folder.mkdir()
+    item.stash[LOGS] = folder
+    os.environ["POLLER_TEST_LOGS"] = str(folder)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The secrets check reads what every other test logged: it runs last."""
-    items.sort(key=lambda item: item.nodeid.endswith(LOGS_CHECK))
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """After each phase (setup, call, teardown): the lines logged so far that show a secret and
+    were not reported yet fail that phase (the test fails; at teardown, it errors)."""
+    report = yield
+    logged = {"stdout": report.capstdout, "stderr": report.capstderr, "log": report.caplog}
+    folder = item.stash.get(LOGS, None)
+    if folder is not None:
+        logged["stderr of a process it started"] = child_logs(folder)
+        if report.when == "teardown":
+            shutil.rmtree(folder, ignore_errors=True)
+    reported = item.stash.setdefault(REPORTED, set())
+    leaked = [
+        f"{where}: {masked(line)}"
+        for where, text in logged.items()
+        for line in leaked_lines(text, SECRETS_IN_LOGS)
+    ]
+    new = [line for line in dict.fromkeys(leaked) if line not in reported]
+    reported.update(new)
+    if new:
+        text = f"{len(new)} log line(s) show a secret (masked here):\n" + "\n".join(new[:20])
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = text
+        else:
+            report.sections.append(("secrets in the logs", text))
+    return report
 
 
-@pytest.fixture(scope="session")
-def secrets() -> list[str]:
-    test_uri = os.environ.get("MONGODB_TEST_URI", "")
-    password = Settings(mongodb_uri=test_uri, mongodb_db="x").secrets if test_uri else []
-    return SECRETS + password
+def masked(line: str) -> str:
+    for secret in sorted(SECRETS_IN_LOGS, key=len, reverse=True):
+        line = line.replace(secret, "<secret>")
+    return line
+
+
+# -- MongoDB and WAHA ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -1,27 +1,54 @@
-"""Helpers the tests share: a millisecond clock and message documents as the web app writes them."""
+"""Helpers the tests share: a millisecond clock, message documents as the web app writes them,
+waiting on progress, and the scan of log lines for secrets."""
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from poller.settings import Settings
 
-# Values no log line may ever show: the suite checks the logs of every poller run for them.
+# Values no log line may ever show: each test's output, and the stderr of every process it
+# starts, is scanned for them (conftest.py).
 API_KEY = "test-key-9f8e7d6c"
 MONGODB_PASSWORD = "pw-Zq81xLm"
 WRONG_KEY = "wrong-key-77x"
 SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key"]
-# Processes the tests start copy their stderr into this folder (see capture/sitecustomize.py);
-# the output of each test's own process (pollers run in-process) is kept in the list.
-SUITE_LOGS = (Path(tempfile.mkdtemp(prefix="poller-test-logs-")), list[str]())
 
 # The poller command, as the tests start it.
 POLLER = [sys.executable, "-m", "poller"]
+
+
+def suite_secrets() -> list[str]:
+    """SECRETS, and the password of MONGODB_TEST_URI when the suite runs against a real mongod."""
+    uri = os.environ.get("MONGODB_TEST_URI", "")
+    return SECRETS + (Settings(mongodb_uri=uri, mongodb_db="x").secrets if uri else [])
+
+
+def leaked_lines(text: str, secrets: Iterable[str]) -> list[str]:
+    """The lines of `text` that show one of `secrets`."""
+    wanted = [s for s in secrets if s]
+    return [line for line in text.splitlines() if any(s in line for s in wanted)]
+
+
+def child_logs(folder: Path) -> str:
+    """What the Python processes started with POLLER_TEST_LOGS=`folder` wrote to stderr (see
+    capture/sitecustomize.py)."""
+    return "".join(f.read_text(errors="replace") for f in sorted(folder.glob("*.log")))
+
+
+def wait_until(done: Callable[[], object], limit: float = 60, what: str = "") -> None:
+    """Poll `done` until it is true; fail after `limit` seconds. Limits are generous: a busy
+    machine makes progress slower, never different."""
+    deadline = time.monotonic() + limit
+    while not done():
+        assert time.monotonic() < deadline, f"timed out after {limit:g} s: {what or done}"
+        time.sleep(0.05)
 
 
 def utcnow() -> datetime:

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import message, seconds
 
+from poller.contract import YES
 from poller.settings import Settings
-from poller.store import YES, Store
+from poller.store import Store
 from poller.testing.waha import WahaSimulator
 from poller.tick import tick
 from poller.waha import WahaClient
@@ -70,12 +71,12 @@ def says(value: Any, yes: list[Any]) -> bool:
 def test_arbitrary_documents_never_stop_the_poller(
     store: Store, settings: Settings, waha: WahaSimulator, docs: list[dict[str, Any]]
 ) -> None:
-    store.messages.delete_many({})
-    store.campaigns.delete_many({})
-    store.sessions.replace_one({"_id": SESSION_ID}, {"name": "default"}, upsert=True)
+    store.messages.collection.delete_many({})
+    store.campaigns.collection.delete_many({})
+    store.sessions.collection.replace_one({"_id": SESSION_ID}, {"name": "default"}, upsert=True)
     waha.sent.clear()
-    good = store.messages.insert_one(message(NOW, chat_id="447700900999")).inserted_id
-    ids = store.messages.insert_many(docs).inserted_ids
+    good = store.messages.collection.insert_one(message(NOW, chat_id="447700900999")).inserted_id
+    ids = store.messages.collection.insert_many(docs).inserted_ids
     client = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
     try:
         tick(store, client, settings.batch_size, now=NOW)
@@ -84,10 +85,10 @@ def test_arbitrary_documents_never_stop_the_poller(
     finally:
         client.close()
 
-    assert store.messages.find_one({"_id": good})["status"] == "sent"  # type: ignore[index]
+    assert store.messages.collection.find_one({"_id": good})["status"] == "sent"  # type: ignore[index]
     sent_docs = 0
     for message_id, written in zip(ids, docs, strict=True):
-        doc = store.messages.find_one({"_id": message_id})
+        doc = store.messages.collection.find_one({"_id": message_id})
         assert doc is not None
         if says(written.get("isSent"), YES) or says(written.get("isDeleted"), YES):
             assert "status" not in doc, "a sent or deleted message is left alone"

@@ -1,4 +1,6 @@
-"""The `poller` command as a user runs it: real processes, real signals, real exit codes."""
+"""The `poller` command as a user runs it: real processes, real signals, real exit codes.
+Argument parsing and configuration errors, where no process boundary is under test, are
+checked by calling `poller.cli.main` in this process."""
 
 from __future__ import annotations
 
@@ -6,15 +8,28 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pymongo import MongoClient
-from support import MONGODB_PASSWORD, POLLER, WRONG_KEY, environment, message, seconds, utcnow
+from support import (
+    MONGODB_PASSWORD,
+    POLLER,
+    SECRETS,
+    WRONG_KEY,
+    environment,
+    leaked_lines,
+    message,
+    seconds,
+    utcnow,
+    wait_until,
+)
 
+from poller import cli
 from poller.settings import Settings
 from poller.store import Store
 from poller.testing.waha import Request, WahaSimulator
@@ -38,6 +53,38 @@ def bare_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     yield env
 
 
+@pytest.fixture
+def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process with no poller settings in its environment, in an empty folder (no .env);
+    the environment as it was afterwards (a .env read by `main` adds to it)."""
+    saved = dict(os.environ)
+    for name in saved:
+        if name.startswith(("MONGODB", "WAHA", "LOG")):
+            del os.environ[name]
+    monkeypatch.chdir(tmp_path)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def main(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """`poller ARGS` run in this process with `extra` in its environment: the exit code, stdout
+    and stderr (checked for secrets here: capsys keeps them from the suite's scan)."""
+
+    def run(args: list[str], **extra: str) -> tuple[int, str, str]:
+        os.environ.update(extra)
+        try:
+            code = cli.main(args)
+        except SystemExit as exc:  # argparse: --help, or a usage error
+            code = exc.code if isinstance(exc.code, int) else 2
+        out, err = capsys.readouterr()
+        assert leaked_lines(out + err, SECRETS) == []
+        return code, out, err
+
+    return run
+
+
 # -- configuration --------------------------------------------------------------------------------
 
 
@@ -59,30 +106,45 @@ def bare_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 )
 @pytest.mark.parametrize("command", ["run", "once"])
 def test_bad_configuration_exits_2_with_one_line(
-    bare_env: dict[str, str], tmp_path: Path, extra: dict[str, str], named: str, command: str
+    bare: None,
+    main: Callable[..., tuple[int, str, str]],
+    extra: dict[str, str],
+    named: str,
+    command: str,
 ) -> None:
-    result = poller([command], {**bare_env, **extra}, tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and named in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = main([command], **extra)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], err
+    assert "Traceback" not in err
 
 
-def test_dotenv_file_is_read(bare_env: dict[str, str], tmp_path: Path) -> None:
-    (tmp_path / ".env").write_text("MONGODB_URI=mongodb://localhost/x\nWAHA_URL=gopher://x\n")
+def test_bad_configuration_exits_2_from_a_process_too(
+    bare_env: dict[str, str], tmp_path: Path
+) -> None:
     result = poller(["once"], bare_env, tmp_path)
-    assert result.returncode == 2 and "WAHA_URL" in result.stderr
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("poller: configuration error: MONGODB_URI is required"), line
+
+
+def test_dotenv_file_is_read(
+    bare: None, main: Callable[..., tuple[int, str, str]], tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("MONGODB_URI=mongodb://localhost/x\nWAHA_URL=gopher://x\n")
+    code, _, err = main(["once"])
+    assert code == 2 and "WAHA_URL" in err
 
 
 @pytest.mark.parametrize(
     "args", [["--help"], ["run", "--help"], ["once", "--help"], ["demo", "--help"]]
 )
-def test_help(bare_env: dict[str, str], tmp_path: Path, args: list[str]) -> None:
-    result = poller(args, bare_env, tmp_path)
-    assert result.returncode == 0
-    assert "usage: poller" in result.stdout
+def test_help(bare: None, main: Callable[..., tuple[int, str, str]], args: list[str]) -> None:
+    code, out, _ = main(args)
+    assert code == 0
+    assert "usage: poller" in out
     if args != ["demo", "--help"] and args != ["--help"]:
-        assert "MONGODB_URI" in result.stdout
+        assert "MONGODB_URI" in out
 
 
 # -- poller once ----------------------------------------------------------------------------------
@@ -91,7 +153,7 @@ def test_help(bare_env: dict[str, str], tmp_path: Path, args: list[str]) -> None
 def test_once_sends_due_messages_and_exits_0(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
-    store.messages.insert_one(message(utcnow()))
+    store.messages.collection.insert_one(message(utcnow()))
     result = poller(["once"], environment(settings), tmp_path)
     assert result.returncode == 0, result.stderr
     assert "tick: claimed=1 sent=1" in result.stderr
@@ -101,7 +163,7 @@ def test_once_sends_due_messages_and_exits_0(
 def test_once_exits_1_when_waha_refuses_the_key(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
-    store.messages.insert_one(message(utcnow()))
+    store.messages.collection.insert_one(message(utcnow()))
     result = poller(["once"], environment(settings, WAHA_API_KEY="wrong"), tmp_path)
     assert result.returncode == 1
     assert "WAHA rejected the API key" in result.stderr
@@ -116,13 +178,14 @@ def test_once_exits_1_when_mongodb_is_unreachable(settings: Settings, tmp_path: 
 
 
 def test_json_logs(settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path) -> None:
-    store.messages.insert_one(message(utcnow()))
+    store.messages.collection.insert_one(message(utcnow()))
     result = poller(["once"], environment(settings, LOG_JSON="1"), tmp_path)
     assert result.returncode == 0
     records = [json.loads(line) for line in result.stderr.splitlines()]
     assert any("tick: claimed=1 sent=1" in r["record"]["message"] for r in records)
 
 
+@pytest.mark.timeout(300)  # four poller processes, each up to 60 s on a busy machine
 def test_secrets_never_reach_the_logs(
     mongo_uri: str, settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
@@ -136,7 +199,9 @@ def test_secrets_never_reach_the_logs(
     wrong_key = WRONG_KEY
 
     def once(**extra: str) -> subprocess.CompletedProcess[str]:
-        store.messages.insert_one(message(utcnow(), chat_id=f"44770090{len(waha.requests):04d}"))
+        store.messages.collection.insert_one(
+            message(utcnow(), chat_id=f"44770090{len(waha.requests):04d}")
+        )
         return poller(["once"], environment(settings, **extra), tmp_path)
 
     runs = [
@@ -161,64 +226,77 @@ def test_secrets_never_reach_the_logs(
 # -- poller run -----------------------------------------------------------------------------------
 
 
+def hold_sends(waha: WahaSimulator) -> tuple[threading.Event, threading.Event]:
+    """Each sendText waits, once WAHA has it, until `release` is set; `arrived` is set when the
+    first one comes. (The simulator calls its validator with every request, before answering.)"""
+    arrived, release = threading.Event(), threading.Event()
+    validate = waha.validator
+
+    def hold(request: Request) -> str | None:
+        if request.path == "/api/sendText":
+            arrived.set()
+            release.wait(120)
+        return validate(request) if validate else None
+
+    waha.validator = hold
+    return arrived, release
+
+
 @pytest.mark.parametrize(
     ("command", "signum"),
     [("run", signal.SIGTERM), ("run", signal.SIGINT), ("once", signal.SIGTERM)],
 )
+@pytest.mark.timeout(240)
 def test_stops_gracefully_on_signal(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path, command: str, signum: int
 ) -> None:
-    waha.latency = 1.5  # the first message is in flight when the signal arrives
+    arrived, release = hold_sends(waha)  # the first message is in flight when the signal comes
     now = utcnow()
-    ids = store.messages.insert_many(
+    ids = store.messages.collection.insert_many(
         [message(now - seconds(n), chat_id=f"4477009000{n:02d}") for n in range(4)]
     ).inserted_ids
-    process = subprocess.Popen(
-        POLLER + [command],
-        env=environment(settings),
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    log = tmp_path / "poller.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            POLLER + [command], env=environment(settings), cwd=tmp_path, stderr=stderr
+        )
     try:
-        deadline = time.monotonic() + 30
-        while not sends(waha) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert sends(waha), "the poller never sent"
+        wait_until(arrived.is_set, 60, "the poller sends")
         process.send_signal(signum)
-        _, stderr = process.communicate(timeout=30)
+        wait_until(lambda: "finishing the message in flight" in log.read_text(), 60, "the signal")
+        release.set()
+        assert process.wait(timeout=60) == 0, log.read_text()
     finally:
+        release.set()
         process.kill()
-    assert process.returncode == 0, stderr
-    assert "finishing the message in flight" in stderr
+    stderr_text = log.read_text()
     last = "stopped" if command == "run" else "tick: claimed=4 sent=1"
-    assert last in stderr.rstrip().splitlines()[-1]
+    assert last in stderr_text.rstrip().splitlines()[-1]
     assert len(sends(waha)) == 1, "nothing is sent after the signal"
-    docs = {d["_id"]: d for d in store.messages.find()}
+    docs = {d["_id"]: d for d in store.messages.collection.find()}
     assert docs[ids[3]]["status"] == "sent", "the message in flight (the oldest) was finished"
     for message_id in ids[:3]:
         assert docs[message_id]["status"] == "pending" and docs[message_id]["isPicked"] is False
 
 
+@pytest.mark.timeout(180)
 def test_run_ticks_on_its_interval(settings: Settings, tmp_path: Path) -> None:
     log = tmp_path / "poller.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
             POLLER + ["run"],
-            env=environment(settings, POLL_INTERVAL_SECONDS="0.5"),
+            # Idle ticks log at DEBUG.
+            env=environment(settings, POLL_INTERVAL_SECONDS="0.5", LOG_LEVEL="DEBUG"),
             cwd=tmp_path,
             stderr=stderr,
         )
     try:
-        deadline = time.monotonic() + 20
-        while "tick: " not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(3)  # nothing to send: only the timer ticks (and the watcher, once, at start)
+        # Nothing to send: only the timer ticks (and the watcher, once, at start).
+        wait_until(lambda: log.read_text().count("tick: ") >= 5, 60, "five ticks")
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=60) == 0
     finally:
         process.kill()
-    assert log.read_text().count("tick: ") >= 5
 
 
 def test_run_exits_1_when_mongodb_is_unreachable_at_start(
@@ -230,9 +308,11 @@ def test_run_exits_1_when_mongodb_is_unreachable_at_start(
     assert "crashed: MongoDB is unavailable at start-up" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_demo_sends_a_campaign(bare_env: dict[str, str], tmp_path: Path) -> None:
     result = subprocess.run(
-        POLLER + ["demo"], env=bare_env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        POLLER + ["demo"], env=bare_env, cwd=tmp_path, capture_output=True, text=True, timeout=540
     )
     assert result.returncode == 0, result.stderr
     assert "WAHA received 4 message(s) that went out, paced 2-4 s apart" in result.stdout

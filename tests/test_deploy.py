@@ -8,12 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import environment, message, utcnow
+from support import environment, message, utcnow, wait_until
 
 from poller.settings import Settings
 from poller.store import Store
@@ -82,6 +81,8 @@ def test_hadolint_reports_nothing() -> None:
     assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # pip installs poller and its dependencies into a fresh venv
 def test_image_install_steps_and_entry_point(tmp_path: Path) -> None:
     """Without a Docker engine: the image's COPY and pip steps in a fresh venv, then its CMD."""
     text = dockerfile()
@@ -139,12 +140,14 @@ def pm2() -> Iterator[Path]:
     yield binary
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # the first run installs PM2 with npm (up to 300 s)
 def test_pm2_runs_and_stops_poller_gracefully(
     pm2: Path, settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
     home = tmp_path / "pm2-home"
     env = environment(settings, PM2_HOME=str(home), POLLER_BIN=str(POLLER_BIN))
-    store.messages.insert_one(message(utcnow()))
+    store.messages.collection.insert_one(message(utcnow()))
 
     def pm2_cmd(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -154,10 +157,8 @@ def test_pm2_runs_and_stops_poller_gracefully(
     try:
         started = pm2_cmd("start", "ecosystem.config.js")
         assert started.returncode == 0, started.stderr + started.stdout
-        deadline = time.monotonic() + 60
-        while not waha.sent and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert len(waha.sent) == 1, "PM2's poller sent the due message"
+        wait_until(lambda: waha.sent, 120, "PM2's poller sends the due message")
+        assert len(waha.sent) == 1
         stopped = pm2_cmd("stop", "poller")
         assert stopped.returncode == 0, stopped.stderr
         described = json.loads(pm2_cmd("jlist").stdout)

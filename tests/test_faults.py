@@ -1,7 +1,9 @@
-"""Faults: WAHA down, slow or failing; MongoDB failing or restarted; pollers killed mid-work.
+"""Faults: WAHA down, slow or failing; MongoDB failing or restarted.
 
 Every test ends with the same check: each message is final, and WAHA delivered each at most
 once (each test message has a chat of its own, so a duplicate shows as a second delivery).
+Replicas killed mid-work are the soak's (benchmarks/soak.py, which CI runs); on a fake clock,
+tests/test_tick.py takes over a dead poller's claims and resends its send in flight.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import POLLER, environment, message, seconds, utcnow
+from support import POLLER, environment, message, seconds, utcnow, wait_until
 
 from poller.breaker import SERVER, Breakers
+from poller.contract import FINAL
 from poller.settings import Settings
-from poller.store import FINAL, Store
+from poller.store import Store
 from poller.testing.mongo import MongoDaemon, mongo_daemon
 from poller.testing.waha import WahaSimulator
 from poller.tick import TickCounts, tick
@@ -41,7 +43,7 @@ def delivered_at_most_once(waha: WahaSimulator) -> Counter[str]:
 def check_final(store: Store, waha: WahaSimulator, total: int) -> Counter[str]:
     """Every message final, each sent one delivered once, every other with a reason."""
     per_chat = delivered_at_most_once(waha)
-    docs = list(store.messages.find())
+    docs = list(store.messages.collection.find())
     assert len(docs) == total
     for doc in docs:
         assert doc.get("status") in FINAL, doc
@@ -77,7 +79,7 @@ def ticker(store: Store, settings: Settings) -> Iterator[Ticker]:
 def test_waha_down_for_a_while_then_back(store: Store, waha: WahaSimulator, ticker: Ticker) -> None:
     port = int(waha.url.rsplit(":", 1)[1])
     now = utcnow()
-    store.messages.insert_many([message(now, chat_id=chat(n)) for n in range(6)])
+    store.messages.collection.insert_many([message(now, chat_id=chat(n)) for n in range(6)])
     waha.stop()
 
     assert ticker(now).claimed == 0
@@ -97,15 +99,21 @@ def test_slow_answers_open_the_session_breaker_and_never_deliver_twice(
     waha.sessions["other"] = "WORKING"
     waha.slow_sessions["default"] = 1.5  # past the 1 s timeout: delivered, answered too late
     now = utcnow()
-    store.messages.insert_many([message(now, chat_id=chat(n)) for n in range(5)])
-    store.messages.insert_many([message(now, chat_id=chat(n), session="other") for n in (5, 6)])
+    store.messages.collection.insert_many([message(now, chat_id=chat(n)) for n in range(5)])
+    store.messages.collection.insert_many(
+        [message(now, chat_id=chat(n), session="other") for n in (5, 6)]
+    )
 
     counts = ticker(now)
     assert counts.sent == 2, "the other session goes on"
     assert len(waha.requests_to("/api/sendText")) == 5, "3 timeouts open the breaker"
     assert "default" in ticker.breakers.open(now)
-    waiting = store.messages.count_documents({"session": "default", "status": "retry"})
-    assert waiting == 5 and counts.retried == 5
+    # The three timed out wait to be retried; the two not yet sent are given back unsent.
+    assert counts.retried == 3 and counts.released == 2
+    waiting = store.messages.collection.count_documents(
+        {"session": "default", "status": {"$in": ["retry", "pending"]}, "isPicked": False}
+    )
+    assert waiting == 5
 
     waha.slow_sessions.clear()  # WAHA is quick again
     counts = ticker(now + seconds(31))
@@ -138,18 +146,18 @@ def test_random_engine_errors_fail_their_messages_and_the_rest_go_out(
     waha.error_rate = 0.1  # drawn from a generator seeded at 0: the same faults every run
     now = utcnow()
     total = 60
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [message(now, chat_id=chat(n), session=f"s{n % 3 + 1}") for n in range(total)]
     )
     for step in range(0, 240, 31):  # until every breaker has closed again
         ticker(now + seconds(step))
-        if store.messages.count_documents({"status": {"$nin": list(FINAL)}}) == 0:
+        if store.messages.collection.count_documents({"status": {"$nin": list(FINAL)}}) == 0:
             break
     outcomes = check_final(store, waha, total)
     assert outcomes["sent"] >= total * 0.75 and outcomes["failed"] >= 1
     assert set(outcomes) <= {"sent", "failed"}
     requests = Counter(r.json()["chatId"] for r in waha.requests_to("/api/sendText"))
-    for doc in store.messages.find({"status": "failed"}):
+    for doc in store.messages.collection.find({"status": "failed"}):
         assert "WAHA failed while sending (500" in doc["lastError"]
         assert requests[doc["chatId"]] == 1, "a 500 is never sent again"
 
@@ -165,6 +173,8 @@ def start_pollers(
         POLL_INTERVAL_SECONDS="1",
         LEASE_SECONDS="3",
         RETRY_SECONDS="1",
+        # However slow the machine, no message may expire while a test runs.
+        LOOKBACK_SECONDS="3600",
         WAHA_TIMEOUT_SECONDS="2",
         MONGODB_TIMEOUT_SECONDS="2",
         **extra,
@@ -183,103 +193,72 @@ def stop_pollers(processes: list[subprocess.Popen[Any]]) -> list[int | None]:
     return [process.wait(timeout=60) for process in processes]
 
 
-def wait_until(done: Callable[[], bool], limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while not done():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)
+def logs(folder: Path) -> str:
+    return "".join(log.read_text() for log in sorted(folder.glob("poller-*.log")))
 
 
 def settled(store: Store) -> Callable[[], bool]:
-    return lambda: store.messages.count_documents({"status": {"$nin": list(FINAL)}}) == 0
+    return lambda: store.messages.collection.count_documents({"status": {"$nin": list(FINAL)}}) == 0
 
 
+@pytest.mark.timeout(300)  # poller processes and SecantusDB on a busy machine
 def test_failing_mongodb_commands_lose_nothing_and_send_nothing_twice(
     daemon: MongoDaemon, on_daemon: tuple[Settings, Store], waha: WahaSimulator, tmp_path: Path
 ) -> None:
     settings, store = on_daemon
     now = utcnow()
-    store.messages.insert_many([message(now + seconds(2), chat_id=chat(n)) for n in range(40)])
+    store.messages.collection.insert_many(
+        [message(now + seconds(2), chat_id=chat(n)) for n in range(30)]
+    )
     # Non-retryable failures of writes and reads, and dropped connections, as the ticks start.
     daemon.fail(["update", "find"], 4, errorCode=2, errmsg="injected")
     [poller] = start_pollers(settings, 1, tmp_path, HEARTBEAT_SECONDS="3600")
     try:
-        wait_until(lambda: len(waha.sent) >= 10, 60)
+        wait_until(lambda: len(waha.sent) >= 8, 60)
         daemon.fail(["update"], 3, closeConnection=True)  # retried by the driver
-        wait_until(lambda: len(waha.sent) >= 20, 60)
+        wait_until(lambda: len(waha.sent) >= 16, 60)
         daemon.fail(["update", "find"], 5, errorCode=2)
         wait_until(settled(store), 90)
         assert poller.poll() is None, "still running"
     finally:
         assert stop_pollers([poller]) == [0]
-    assert check_final(store, waha, 40) == {"sent": 40}
+    assert check_final(store, waha, 30) == {"sent": 30}
     log = (tmp_path / "poller-0.log").read_text()
     assert "tick skipped, MongoDB is unavailable" in log and log.rstrip().endswith("stopped")
 
 
+@pytest.mark.timeout(300)  # poller processes and SecantusDB on a busy machine
 def test_mongodb_restart_loses_nothing_and_sends_nothing_twice(
     daemon: MongoDaemon, on_daemon: tuple[Settings, Store], waha: WahaSimulator, tmp_path: Path
 ) -> None:
     settings, store = on_daemon
     now = utcnow()
     waha.latency = 0.05
-    store.messages.insert_many([message(now + seconds(1), chat_id=chat(n)) for n in range(60)])
+    store.messages.collection.insert_many(
+        [message(now + seconds(1), chat_id=chat(n)) for n in range(30)]
+    )
     processes = start_pollers(settings, 2, tmp_path)
     try:
-        wait_until(lambda: len(waha.sent) >= 15, 60)
+        wait_until(lambda: len(waha.sent) >= 10, 60)
+        down = logs(tmp_path).count("MongoDB is unavailable")
         daemon.kill()  # a crash: only what it acknowledged survives
-        time.sleep(2)
+        wait_until(lambda: logs(tmp_path).count("MongoDB is unavailable") > down, 60, "seen down")
         daemon.start()
         wait_until(settled(store), 90)
         assert [p.poll() for p in processes] == [None, None], "both kept running"
     finally:
         assert stop_pollers(processes) == [0, 0]
-    outcomes = check_final(store, waha, 60)
+    outcomes = check_final(store, waha, 30)
     # A send whose outcome could not be written is in doubt; under its message id it is sent
     # again and WAHA answers with the same message.
-    assert outcomes == {"sent": 60}, outcomes
-
-
-# -- replicas -------------------------------------------------------------------------------------
-
-
-@pytest.mark.timeout(400)  # about 2 minutes on SecantusDB, whose writes are the bottleneck
-def test_four_replicas_one_killed_send_every_message_exactly_once(
-    on_daemon: tuple[Settings, Store], waha: WahaSimulator, tmp_path: Path
-) -> None:
-    waha.sessions = {"s1": "WORKING", "s2": "WORKING", "s3": "WORKING"}
-    settings, store = on_daemon
-    total = 2000
-    now = utcnow()
-    store.messages.insert_many(
-        [
-            message(now + seconds(3), chat_id=chat(n), session=f"s{n % 3 + 1}", content=str(n))
-            for n in range(total)
-        ]
-    )
-    # Slower than real time on SecantusDB: no message may expire while the run goes on.
-    processes = start_pollers(settings, 4, tmp_path, BATCH_SIZE="10", LOOKBACK_SECONDS="3600")
-    try:
-        wait_until(lambda: len(waha.sent) >= total // 4, 120)
-        processes[0].send_signal(signal.SIGKILL)  # in the middle of its work
-        processes[0].wait()
-        wait_until(settled(store), 240)
-    finally:
-        codes = stop_pollers(processes)
-    assert codes == [-signal.SIGKILL, 0, 0, 0]
-    outcomes = check_final(store, waha, total)
-    # Its claims went to the others after the lease; its send in flight went again under the
-    # same message id, which WAHA delivers once.
-    assert outcomes == {"sent": total}, outcomes
-    assert sorted(m.text for m in waha.sent) == sorted(str(n) for n in range(total))
-    killed = store.messages.count_documents({"attempts": {"$gt": 1}})
-    print(f"sent {total} over 3 sessions with 4 replicas; {killed} sent again under their id")
+    assert outcomes == {"sent": 30}, outcomes
 
 
 # -- TLS ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.timeout(180)
 def test_a_tls_uri_works(
     make_settings: Callable[..., Settings], waha: WahaSimulator, tmp_path: Path
 ) -> None:
@@ -296,7 +275,7 @@ def test_a_tls_uri_works(
         assert "tls=true" in daemon.uri
         settings = make_settings(mongodb_uri=daemon.uri)
         store = Store.connect(settings)
-        store.messages.insert_one(message(utcnow(), chat_id=chat(1)))
+        store.messages.collection.insert_one(message(utcnow(), chat_id=chat(1)))
         result = subprocess.run(
             POLLER + ["once"],
             env=environment(settings),
@@ -315,7 +294,7 @@ def test_a_hiccup_in_the_session_listing_does_not_stop_sending(
 ) -> None:
     waha.listing_fails = 1
     now = utcnow()
-    store.messages.insert_one(message(now, chat_id=chat(1)))
+    store.messages.collection.insert_one(message(now, chat_id=chat(1)))
     assert ticker(now).sent == 1
     assert ticker.breakers.open(now) == {}
 

@@ -114,3 +114,22 @@ def test_srv_uri_is_checked_without_dns() -> None:
         {"MONGODB_URI": "mongodb+srv://app:pw@cluster0.example.net/whatsapp"}
     )
     assert settings.mongodb_db == "whatsapp" and settings.secrets == ["pw"]
+
+
+@pytest.mark.parametrize(
+    ("key", "position"),
+    [
+        ("s3cr3t\u200b-key", 7),  # a zero-width space, pasted with the key
+        ("\u201cs3cr3t-key\u201d", 1),  # curly quotes from a word processor
+        ("s3cr3t\u00a0-key", 7),  # a non-breaking space
+        ("s3cr3t\t-key", 7),
+        ("  s3cr3t-k\u00e9y", 11),  # counted in the value as set, spaces included
+    ],
+)
+def test_an_api_key_no_header_can_carry_is_named_not_shown(key: str, position: int) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({**BASE, "WAHA_API_KEY": key})
+    message = str(raised.value)
+    assert message.startswith("WAHA_API_KEY ") and f"at position {position} " in message
+    assert "\n" not in message
+    assert "s3cr3t" not in message and key.strip() not in message

@@ -32,8 +32,8 @@ def test_heartbeat_document(settings: Settings, waha: WahaSimulator) -> None:
     instance.start()
     instance.tick()
     instance.heartbeat()
-    beat = instance.store.heartbeats.find_one({"_id": instance.store.owner})
-    index = instance.store.heartbeats.index_information()["poller_heartbeat_expiry"]
+    beat = instance.store.heartbeats.collection.find_one({"_id": instance.store.owner})
+    index = instance.store.heartbeats.collection.index_information()["poller_heartbeat_expiry"]
     instance.close()
     assert beat is not None
     assert beat["instance"] == settings.instance_id and beat["pid"] == os.getpid()
@@ -53,7 +53,7 @@ def test_heartbeat_when_waha_is_down(make_settings: Callable[..., Settings]) -> 
     instance = Poller(make_settings(waha_url="http://127.0.0.1:1"))
     instance.start()
     instance.heartbeat()
-    beat = instance.store.heartbeats.find_one({"_id": instance.store.owner})
+    beat = instance.store.heartbeats.collection.find_one({"_id": instance.store.owner})
     instance.close()
     assert beat is not None and beat["wahaSessions"] is None
 
@@ -65,7 +65,7 @@ def test_check(settings: Settings, store: Store, capsys: pytest.CaptureFixture[s
     now = utcnow()
 
     def beat(_id: str, host: str, alive: float, ticking: bool = True) -> None:
-        store.heartbeats.insert_one(
+        store.heartbeats.collection.insert_one(
             {
                 "_id": _id,
                 "instance": _id.split("/")[0],
@@ -104,8 +104,10 @@ def test_status(
     settings: Settings, store: Store, waha: WahaSimulator, capsys: pytest.CaptureFixture[str]
 ) -> None:
     now = utcnow()
-    campaign = store.campaigns.insert_one({"name": "Black Friday", "status": "running"}).inserted_id
-    store.messages.insert_many(
+    campaign = store.campaigns.collection.insert_one(
+        {"name": "Black Friday", "status": "running"}
+    ).inserted_id
+    store.messages.collection.insert_many(
         [
             message(now - seconds(1), campaignId=campaign, chat_id="447700900001"),
             message(now - seconds(1), campaignId=campaign, chat_id="bad"),
@@ -116,7 +118,7 @@ def test_status(
     instance = Poller(settings)
     instance.start()
     instance.tick()
-    store.messages.insert_one(message(utcnow() - seconds(1), chat_id="447700900005"))
+    store.messages.collection.insert_one(message(utcnow() - seconds(1), chat_id="447700900005"))
     instance.heartbeat()
     instance.close()
 
@@ -141,11 +143,11 @@ def test_status(
 
 
 def test_run_once_from_python(settings: Settings, store: Store, waha: WahaSimulator) -> None:
-    store.messages.insert_one(message(utcnow()))
+    store.messages.collection.insert_one(message(utcnow()))
     counts = poller.run_once(environment(settings))
     assert counts["sent"] == 1 and counts["claimed"] == 1 and counts["key_rejected"] is False
     assert len(waha.sent) == 1
-    store.messages.insert_one(message(utcnow(), chat_id="447700900999"))
+    store.messages.collection.insert_one(message(utcnow(), chat_id="447700900999"))
     with pytest.raises(PermissionError, match="WAHA rejected the API key"):
         poller.run_once(environment(settings, WAHA_API_KEY="wrong"))
     assert len(waha.sent) == 1
@@ -172,7 +174,7 @@ def test_two_once_at_the_same_moment_send_each_message_once(
 ) -> None:
     now = utcnow()
     chats = [f"44770091{n:04d}@c.us" for n in range(40)]
-    store.messages.insert_many([message(now, chat_id=c) for c in chats])
+    store.messages.collection.insert_many([message(now, chat_id=c) for c in chats])
     env = environment(settings, BATCH_SIZE="5")
     runs = [
         subprocess.Popen(
@@ -194,7 +196,7 @@ def test_run_writes_a_heartbeat_and_removes_it_on_stop(
     )
     try:
         deadline = time.monotonic() + 30
-        while store.heartbeats.count_documents({"instance": "vps-7"}) == 0:
+        while store.heartbeats.collection.count_documents({"instance": "vps-7"}) == 0:
             assert time.monotonic() < deadline, "no heartbeat"
             time.sleep(0.1)
         alive = subprocess.run(
@@ -213,7 +215,7 @@ def test_run_writes_a_heartbeat_and_removes_it_on_stop(
         process.kill()
     assert alive.returncode == 0 and alive.stdout.startswith("ok: 1 live, vps-7/")
     assert local.returncode == 0
-    assert store.heartbeats.count_documents({}) == 0, "removed on a clean stop"
+    assert store.heartbeats.collection.count_documents({}) == 0, "removed on a clean stop"
     gone = subprocess.run(POLLER + ["check"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert gone.returncode == 1 and "no live heartbeat" in gone.stdout
 
@@ -229,8 +231,8 @@ def test_metrics_and_healthz(
 ) -> None:
     port = free_port()
     env = environment(settings, HEALTH_PORT=str(port), POLL_INTERVAL_SECONDS="0.5")
-    store.messages.insert_one(message(utcnow() - seconds(2)))
-    store.messages.insert_one(message(utcnow(), chat_id="bad"))
+    store.messages.collection.insert_one(message(utcnow() - seconds(2)))
+    store.messages.collection.insert_one(message(utcnow(), chat_id="bad"))
     process = subprocess.Popen(
         POLLER + ["run"], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True
     )

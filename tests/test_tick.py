@@ -28,14 +28,14 @@ def run_tick(
 
 
 def get(store: Store, message_id: Any) -> dict[str, Any]:
-    doc = store.messages.find_one({"_id": message_id})
+    doc = store.messages.collection.find_one({"_id": message_id})
     assert doc is not None
     return doc
 
 
 def add(store: Store, **kwargs: Any) -> Any:
     scheduled = kwargs.pop("scheduled_at", utcnow())
-    return store.messages.insert_one(message(scheduled, **kwargs)).inserted_id
+    return store.messages.collection.insert_one(message(scheduled, **kwargs)).inserted_id
 
 
 # -- sent -----------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_session_comes_from_the_session_document(
     store: Store, settings: Settings, waha: WahaSimulator, as_string: bool
 ) -> None:
     waha.sessions["sales"] = "WORKING"
-    session_id = store.sessions.insert_one({"name": "sales"}).inserted_id
+    session_id = store.sessions.collection.insert_one({"name": "sales"}).inserted_id
     add(store, session=None, sessionId=str(session_id) if as_string else session_id)
     run_tick(store, settings)
     assert [m.session for m in waha.sent] == ["sales"]
@@ -144,7 +144,7 @@ def test_bad_messages_fail_with_a_reason_and_no_request(
     doc.update(fields)
     if doc.get("session") is None:
         doc.pop("session")
-    message_id = store.messages.insert_one(doc).inserted_id
+    message_id = store.messages.collection.insert_one(doc).inserted_id
 
     counts = run_tick(store, settings)
 
@@ -182,10 +182,31 @@ def test_wrong_api_key_stops_sending_and_leaves_messages_pending(
     assert counts.sent == 3
 
 
-def test_session_not_started_is_retried_later_then_sent(
+def test_a_session_waha_does_not_list_waits_without_a_request_then_sends(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     waha.sessions.clear()
+    now = utcnow()
+    message_id = add(store, scheduled_at=now, session="sales", sessionId="ignored")
+
+    counts = run_tick(store, settings, now=now)
+
+    assert (counts.claimed, counts.retried, counts.held) == (0, 0, 0)
+    assert waha.message_requests() == [], "no request, no pacing turn, no daily count"
+    assert store.turns.collection.count_documents({}) == 0
+    doc = get(store, message_id)
+    assert doc["isPicked"] is False and "status" not in doc
+    assert "WAHA has no WhatsApp session 'sales' (its sessions: none)" in doc["lastError"]
+
+    waha.sessions["sales"] = "WORKING"
+    assert run_tick(store, settings, now=now + seconds(5)).sent == 1
+
+
+def test_a_session_waha_cannot_find_when_sending_is_retried_with_backoff(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    waha.sessions.clear()
+    waha.listing_fails = 1  # the list is not known: each send's own answer counts
     now = utcnow()
     first, second = (
         add(store, scheduled_at=now),
@@ -194,18 +215,20 @@ def test_session_not_started_is_retried_later_then_sent(
 
     counts = run_tick(store, settings, now=now)
 
-    assert counts.retried == 2 and counts.sent == 0
+    assert (counts.retried, counts.released, counts.sent) == (1, 1, 0)
     assert len(waha.message_requests()) == 1, "the session's other message waits unasked"
     doc = get(store, first)
     assert doc["status"] == "retry" and doc["isPicked"] is False
-    assert doc["retryAt"] == now + seconds(settings.retry_seconds)
+    retry = seconds(settings.retry_seconds)
+    assert now + retry / 2 <= doc["retryAt"] <= now + retry
     assert "session 'default' is not started" in doc["lastError"]
+    assert get(store, second)["status"] == "pending", "given back without a request"
 
-    # Not retried before retryAt ...
-    assert run_tick(store, settings, now=now + seconds(10)).claimed == 0
+    # Neither is tried while WAHA lists no such session ...
+    assert run_tick(store, settings, now=now + retry / 4).claimed == 0
     # ... and sent once the session is up.
     waha.sessions["default"] = "WORKING"
-    counts = run_tick(store, settings, now=now + seconds(settings.retry_seconds))
+    counts = run_tick(store, settings, now=now + retry)
     assert counts.sent == 2
     # attempts counts sendText requests: the 404 came when asking for a message id.
     assert get(store, first)["attempts"] == 1 and get(store, second)["attempts"] == 1
@@ -215,7 +238,7 @@ def test_a_session_not_working_waits_while_the_others_send(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     waha.sessions.update(default="SCAN_QR_CODE", sales="WORKING")
-    store.sessions.insert_one({"_id": "s-default", "name": "default"})
+    store.sessions.collection.insert_one({"_id": "s-default", "name": "default"})
     now = utcnow()
     waiting = [
         add(store, scheduled_at=now),
@@ -251,7 +274,9 @@ def test_a_retried_message_expires_with_its_last_error_after_the_lookback(
     doc = get(store, message_id)
     assert doc["status"] == "expired" and doc["isSent"] is False
     assert "more than 120 s past" in doc["lastError"]
-    assert "Last attempt: WhatsApp session 'default' is STARTING" in doc["lastError"]
+    # It was never attempted: the session never became WORKING.
+    assert "It was waiting: WhatsApp session 'default' is STARTING" in doc["lastError"]
+    assert "Last attempt" not in doc["lastError"]
 
 
 def test_engine_error_fails_and_is_never_resent(
@@ -337,7 +362,7 @@ def test_lookback_edges(store: Store, settings: Settings, waha: WahaSimulator) -
 
 def test_flags_and_missing_flags(store: Store, settings: Settings, waha: WahaSimulator) -> None:
     now = utcnow()
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [
             {"scheduledAt": now, "chatId": "447700900001", "content": "x", "session": "default"},
             message(now, chat_id="447700900002", isSent=True),
@@ -360,8 +385,8 @@ def test_a_message_without_a_date_fails_instead_of_waiting_forever(
         {"scheduledAt": 1795600000, "chatId": "447700900002", "content": "x"},
         {"chatId": "447700900003", "content": "x"},
     ]
-    ids = store.messages.insert_many(undated).inserted_ids
-    store.messages.insert_one(message(now, chat_id="447700900004"))
+    ids = store.messages.collection.insert_many(undated).inserted_ids
+    store.messages.collection.insert_one(message(now, chat_id="447700900004"))
 
     counts = run_tick(store, settings, now=now)
 
@@ -379,7 +404,7 @@ def test_odd_yes_values_keep_a_message_back(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     now = utcnow()
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [
             message(now, chat_id="447700900001", isDeleted="true"),
             message(now, chat_id="447700900002", isDeleted=1),
@@ -419,7 +444,7 @@ def test_a_message_deleted_after_its_claim_is_not_sent(
     original = waha.validator
 
     def delete_second(request: Request) -> str | None:
-        store.messages.update_one({"_id": second}, {"$set": {"isDeleted": True}})
+        store.messages.collection.update_one({"_id": second}, {"$set": {"isDeleted": True}})
         return original(request) if original else None
 
     waha.validator = delete_second  # the web app deletes it while the first is being sent
@@ -432,14 +457,16 @@ def test_a_message_deleted_after_its_claim_is_not_sent(
 
 def test_claim_query_uses_an_index(store: Store, settings: Settings) -> None:
     now = utcnow()
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [
             message(now - seconds(3600 + n), chat_id=f"4477009{n:05d}", isSent=True, isPicked=True)
             for n in range(50)
         ]
         + [message(now, chat_id="447700900999")]
     )
-    plan = store.messages.find(store.claimable(now)).hint([("isPicked", 1), ("scheduledAt", 1)])
+    plan = store.messages.collection.find(store.messages.claimable(now)).hint(
+        [("isPicked", 1), ("scheduledAt", 1)]
+    )
     explained = plan.explain()
     text = str(explained["queryPlanner"]["winningPlan"])
     assert "IXSCAN" in text and "COLLSCAN" not in text
@@ -451,7 +478,7 @@ def test_claim_is_exclusive_between_two_pollers(
 ) -> None:
     now = utcnow()
     chats = [f"44770090{n:04d}@c.us" for n in range(60)]
-    store.messages.insert_many([message(now, chat_id=c) for c in chats])
+    store.messages.collection.insert_many([message(now, chat_id=c) for c in chats])
     # Both with the same POLLER_INSTANCE_ID, as replicas sharing one .env would be.
     pollers = [
         make_settings(batch_size=7, instance_id="vps"),
@@ -475,7 +502,7 @@ def test_claim_is_exclusive_between_two_pollers(
     assert sorted(m.chat_id for m in waha.sent) == sorted(chats), "each message exactly once"
     assert sum(r.sent for r in results) == 60
     assert not any(t.is_alive() for t in threads)
-    owners = {d["pickedBy"].split("/")[0] for d in store.messages.find()}
+    owners = {d["pickedBy"].split("/")[0] for d in store.messages.collection.find()}
     assert owners <= {s.instance_id for s in pollers}
 
 
@@ -484,10 +511,15 @@ def test_a_claim_lost_between_find_and_update_is_not_taken(
 ) -> None:
     """The race the conditional update is for: a rival claims between our find and update."""
     now = utcnow()
-    store.messages.insert_many([message(now, chat_id=f"4477009000{n:02d}") for n in range(5)])
+    store.messages.collection.insert_many(
+        [message(now, chat_id=f"4477009000{n:02d}") for n in range(5)]
+    )
     rival = Store.connect(make_settings())
     rival_took: list[dict[str, Any]] = []
-    real = store.messages
+    real = store.messages.collection
+
+    def every(page: list[dict[str, Any]], room: int) -> list[Any]:
+        return [d["_id"] for d in page][:room]
 
     class RivalFirst:
         def __getattr__(self, name: str) -> Any:
@@ -495,14 +527,14 @@ def test_a_claim_lost_between_find_and_update_is_not_taken(
 
         def update_many(self, *args: Any, **kwargs: Any) -> Any:
             if not rival_took:
-                rival_took.extend(rival.claim(now, 10))
+                rival_took.extend(rival.messages.claim(now, now, 10, every))
             return real.update_many(*args, **kwargs)
 
-    store.messages = RivalFirst()  # type: ignore[assignment]
+    store.messages.collection = RivalFirst()  # type: ignore[assignment]
     try:
-        taken = store.claim(now, 10)
+        taken = store.messages.claim(now, now, 10, every)
     finally:
-        store.messages = real
+        store.messages.collection = real
         rival.close()
     assert len(rival_took) == 5
     assert taken == []
@@ -616,7 +648,7 @@ def test_session_names_the_session_even_with_a_session_id(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     waha.sessions["sales"] = "SCAN_QR_CODE"
-    store.sessions.insert_one({"_id": "s-sales", "name": "sales"})
+    store.sessions.collection.insert_one({"_id": "s-sales", "name": "sales"})
     message_id = add(store, session="default", sessionId="s-sales")
     assert run_tick(store, settings).sent == 1
     assert waha.sent[0].session == "default" and get(store, message_id)["status"] == "sent"
@@ -714,7 +746,7 @@ def test_a_slow_send_given_up_as_unknown_still_records_its_success(
         pickedBy=store.owner,
         lastError="may or may not",
     )
-    assert store.mark_sent(message_id, "true_x_1", now)
+    assert store.messages.mark_sent(message_id, "true_x_1", now)
     doc = get(store, message_id)
     assert doc["status"] == "sent" and doc["isSent"] is True and doc["lastError"] is None
 
@@ -741,7 +773,7 @@ def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
     assert (counts.claimed, counts.sent, counts.released) == (4, 1, 3)
     statuses = sorted(get(store, i)["status"] for i in ids)
     assert statuses == ["pending", "pending", "pending", "sent"]
-    for doc in store.messages.find({"status": "pending"}):
+    for doc in store.messages.collection.find({"status": "pending"}):
         assert doc["isPicked"] is False and "pickedBy" not in doc and "leaseUntil" not in doc
 
 
@@ -758,7 +790,7 @@ def test_long_batches_renew_their_lease(
 
     def watch_leases(request: Request) -> str | None:
         # Every claim this poller still holds must have a live lease while it works.
-        lapsed = store.messages.count_documents(
+        lapsed = store.messages.collection.count_documents(
             {"status": "claimed", "leaseUntil": {"$lt": utcnow()}}
         )
         seen.append(lapsed)
@@ -777,14 +809,16 @@ def test_long_batches_renew_their_lease(
 
 def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) -> None:
     now = utcnow()
-    campaign = store.campaigns.insert_one({"name": "Sale", "status": "running"}).inserted_id
+    campaign = store.campaigns.collection.insert_one(
+        {"name": "Sale", "status": "running"}
+    ).inserted_id
     add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900001")
     add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900002")
     add(store, scheduled_at=now + seconds(60), campaignId=campaign, chat_id="447700900003")
     add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900004", isDeleted=True)
 
     run_tick(store, settings, now=now)
-    doc = store.campaigns.find_one({"_id": campaign})
+    doc = store.campaigns.collection.find_one({"_id": campaign})
     assert doc is not None
     assert doc["status"] == "running"
     assert doc["stats"] == {
@@ -797,7 +831,7 @@ def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) 
     }
 
     run_tick(store, settings, now=now + seconds(60))
-    doc = store.campaigns.find_one({"_id": campaign})
+    doc = store.campaigns.collection.find_one({"_id": campaign})
     assert doc is not None
     assert doc["status"] == "completed" and doc["completedAt"] == now + seconds(60)
     assert doc["stats"] == {
@@ -813,7 +847,7 @@ def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) 
 def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimulator) -> None:
     now = utcnow()
     campaign = str(
-        store.campaigns.insert_one({"name": "Sale"}).inserted_id
+        store.campaigns.collection.insert_one({"name": "Sale"}).inserted_id
     )  # referenced as a string
     add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900001")
     add(store, scheduled_at=now, campaignId=campaign, chat_id="bad")
@@ -821,7 +855,7 @@ def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimu
 
     run_tick(store, settings, now=now)
 
-    doc = store.campaigns.find_one({"_id": ObjectId(campaign)})
+    doc = store.campaigns.collection.find_one({"_id": ObjectId(campaign)})
     assert doc is not None
     assert doc["status"] == "completed_with_failures"
     assert doc["stats"] == {
@@ -838,22 +872,22 @@ def test_campaign_referenced_both_ways_is_counted_whole(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     now = utcnow()
-    campaign = store.campaigns.insert_one({"name": "Sale"}).inserted_id
+    campaign = store.campaigns.collection.insert_one({"name": "Sale"}).inserted_id
     add(store, scheduled_at=now, campaignId=campaign, chat_id="447700900001")
     add(store, scheduled_at=now + seconds(60), campaignId=str(campaign), chat_id="447700900002")
     run_tick(store, settings, now=now)
-    doc = store.campaigns.find_one({"_id": campaign})
+    doc = store.campaigns.collection.find_one({"_id": campaign})
     assert doc is not None and "status" not in doc
     assert doc["stats"]["total"] == 2 and doc["stats"]["sent"] == 1
 
 
 def test_finished_campaign_is_not_rewritten(store: Store, settings: Settings) -> None:
-    campaign = store.campaigns.insert_one(
+    campaign = store.campaigns.collection.insert_one(
         {"status": "completed", "stats": {"total": 9}}
     ).inserted_id
     add(store, campaignId=campaign)
     run_tick(store, settings)
-    doc = store.campaigns.find_one({"_id": campaign})
+    doc = store.campaigns.collection.find_one({"_id": campaign})
     assert doc is not None and doc["stats"] == {"total": 9}
 
 

@@ -4,25 +4,28 @@ offers one; without one, the next tick sees it)."""
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from time import monotonic, sleep
 from typing import Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from support import POLLER, environment, message, seconds, utcnow
 
+from poller.daemon import Wakeup
 from poller.settings import Settings
 from poller.store import Store
 from poller.testing.mongo import MongoDaemon
 from poller.testing.waha import WahaSimulator
 from poller.tick import tick
 from poller.waha import WahaClient
-from poller.watch import Alarm, Watcher
+from poller.watch import Watcher
 
 # Far longer than any test waits: a message sent in time was sent because poller woke for it.
 TIMER = "600"
@@ -43,7 +46,7 @@ def test_a_tick_says_when_the_next_message_comes_due(store: Store, client: WahaC
     now = utcnow()
     unpicked = message(now + seconds(12), chat_id=chat(3))
     del unpicked["isPicked"]  # the web app may leave it out
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [
             message(now, chat_id=chat(0)),
             message(now + seconds(5), chat_id=chat(1), isDeleted=True),
@@ -72,22 +75,51 @@ def test_a_tick_says_when_the_next_message_comes_due(store: Store, client: WahaC
 
 def test_a_message_held_until_later_is_due_then(store: Store) -> None:
     now = utcnow()
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [message(now, chat_id=chat(0)), message(now + seconds(12), chat_id=chat(1))]
     )
-    store.hold(now, {"chatId": chat(0)}, now + seconds(7), "Waiting for the quiet hours to end.")
-    assert store.next_due(now) == now + seconds(7)
-    assert store.next_due(now + seconds(7)) == now + seconds(12)
-    assert store.next_due(now + seconds(12)) is None
+    first = store.messages.collection.find_one({"chatId": chat(0)})
+    assert first is not None
+    reason = "Waiting for the quiet hours to end."
+    assert store.messages.hold(now, [first["_id"]], now + seconds(7), reason) == 1
+    for after, expected in (
+        (now, now + seconds(7)),
+        (now + seconds(7), now + seconds(12)),
+        (now + seconds(12), None),
+    ):
+        assert store.messages.next_due(after, after + seconds(30)) == expected
 
 
-def test_the_alarm_keeps_the_earliest_time_asked_for() -> None:
-    alarm, now = Alarm(), utcnow()
-    alarm.ring(now + seconds(5))
-    alarm.ring(now + seconds(2))
-    alarm.ring(now + seconds(9))
-    assert alarm.take(1) == now + seconds(2)
-    assert alarm.take(0.05) is None
+def test_wakeup_brings_the_tick_forward_and_never_moves_it_while_it_runs() -> None:
+    scheduler = BackgroundScheduler(timezone=UTC)
+    later = utcnow() + seconds(600)
+    scheduler.add_job(lambda: None, "interval", id="tick", seconds=600, next_run_time=later)
+    wakeup = Wakeup(scheduler, "tick")
+
+    def next_run() -> datetime:
+        job = scheduler.get_job("tick")
+        assert job is not None and job.next_run_time is not None
+        return job.next_run_time  # type: ignore[no-any-return]
+
+    soon = utcnow() + seconds(60)
+    wakeup.ask(soon)
+    assert next_run() == soon
+    wakeup.ask(soon + seconds(30))
+    assert next_run() == soon, "an earlier tick stays"
+
+    asked_meanwhile = utcnow() + seconds(40)
+
+    def work() -> datetime:
+        wakeup.ask(asked_meanwhile)  # the watcher, while this tick runs
+        assert next_run() == soon, "not moved while a tick runs"
+        return utcnow() + seconds(50)  # the tick's own next message
+
+    wakeup.run(work)
+    assert next_run() == asked_meanwhile, "what was asked during the tick is kept"
+
+    wakeup.close()
+    wakeup.ask(utcnow() + seconds(1))
+    assert next_run() == asked_meanwhile, "closed: nothing moves the tick any more"
 
 
 # -- poller run -----------------------------------------------------------------------------------
@@ -98,7 +130,9 @@ class PollerRun:
 
     def __init__(self, settings: Settings, folder: Path) -> None:
         self.log_path = folder / "poller.log"
-        env = environment(settings, POLL_INTERVAL_SECONDS=TIMER, HEARTBEAT_SECONDS="3600")
+        env = environment(
+            settings, POLL_INTERVAL_SECONDS=TIMER, HEARTBEAT_SECONDS="3600", LOG_LEVEL="DEBUG"
+        )
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen([*POLLER, "run"], env=env, cwd=folder, stderr=log)
 
@@ -133,7 +167,7 @@ def poller_run(tmp_path: Path) -> Iterator[Callable[[Settings], PollerRun]]:
 
 def sent_on_time(store: Store, waha: WahaSimulator, count: int) -> None:
     """`count` messages sent, none before its scheduled time."""
-    docs = list(store.messages.find({"status": "sent"}))
+    docs = list(store.messages.collection.find({"status": "sent"}))
     assert len(docs) == len(waha.sent) == count
     for doc in docs:
         assert doc["sentAt"] >= doc["scheduledAt"]
@@ -146,7 +180,7 @@ def test_poller_run_ticks_when_a_message_comes_due(
     poller_run: Callable[[Settings], PollerRun],
 ) -> None:
     now = utcnow()
-    store.messages.insert_many(
+    store.messages.collection.insert_many(
         [message(now + seconds(4), chat_id=chat(0)), message(now + seconds(6), chat_id=chat(1))]
     )
     poller = poller_run(settings)
@@ -164,12 +198,12 @@ def test_a_message_written_between_two_ticks_wakes_poller_run(
     poller = poller_run(settings)
     poller.wait_for(lambda: "watching scheduledmessages" in poller.log())
     poller.wait_for(lambda: "tick: claimed=0" in poller.log())  # the first tick is over
-    store.messages.insert_one(message(utcnow() + seconds(2), chat_id=chat(0)))
+    store.messages.collection.insert_one(message(utcnow() + seconds(2), chat_id=chat(0)))
     poller.wait_for(lambda: len(waha.sent) == 1)
     # Rescheduled from an hour ahead: only the change of its scheduledAt can wake the poller.
-    later = store.messages.insert_one(message(utcnow() + seconds(3600), chat_id=chat(1)))
+    later = store.messages.collection.insert_one(message(utcnow() + seconds(3600), chat_id=chat(1)))
     sleep(1)
-    store.messages.update_one(
+    store.messages.collection.update_one(
         {"_id": later.inserted_id}, {"$set": {"scheduledAt": utcnow() + seconds(2)}}
     )
     poller.wait_for(lambda: len(waha.sent) == 2)
@@ -184,7 +218,7 @@ def test_without_a_change_stream_poller_run_still_wakes_for_due_messages(
     poller_run: Callable[[Settings], PollerRun],
 ) -> None:
     settings, store = on_daemon
-    store.messages.insert_one(message(utcnow() + seconds(4), chat_id=chat(0)))
+    store.messages.collection.insert_one(message(utcnow() + seconds(4), chat_id=chat(0)))
     # What a standalone mongod answers. No tick runs an aggregate here (no campaign, no pacing,
     # no metrics): the watcher's is the first.
     refusal = "The $changeStream stage is only supported on replica sets"
@@ -199,6 +233,22 @@ def test_without_a_change_stream_poller_run_still_wakes_for_due_messages(
 # -- the watcher ----------------------------------------------------------------------------------
 
 
+class Alarm:
+    """What the watcher rang for, in order."""
+
+    def __init__(self) -> None:
+        self.rings: queue.Queue[datetime] = queue.Queue()
+
+    def ring(self, at: datetime) -> None:
+        self.rings.put(at)
+
+    def take(self, timeout: float) -> datetime | None:
+        try:
+            return self.rings.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
 def watch(store: Store) -> tuple[Watcher, Alarm, threading.Event]:
     alarm, stop = Alarm(), threading.Event()
     watcher = Watcher(store, alarm.ring, stop)
@@ -208,7 +258,7 @@ def watch(store: Store) -> tuple[Watcher, Alarm, threading.Event]:
     return watcher, alarm, stop
 
 
-def rung_for(alarm: Alarm, at: datetime, limit: float = 10) -> bool:
+def rung_for(alarm: Alarm, at: datetime, limit: float = 60) -> bool:
     """Whether the alarm rings for `at` within `limit` seconds (other rings are skipped)."""
     deadline = monotonic() + limit
     while monotonic() < deadline:
@@ -221,16 +271,20 @@ def test_the_watcher_rings_for_new_and_rescheduled_messages_only(store: Store) -
     watcher, alarm, stop = watch(store)
     try:
         now = utcnow()
-        first = store.messages.insert_one(message(now + seconds(60), chat_id=chat(0)))
+        first = store.messages.collection.insert_one(message(now + seconds(60), chat_id=chat(0)))
         assert alarm.take(10) == now + seconds(60)
-        store.messages.update_one({"_id": first.inserted_id}, {"$set": {"status": "claimed"}})
-        store.messages.update_one({"_id": first.inserted_id}, {"$set": {"heldUntil": now}})
+        store.messages.collection.update_one(
+            {"_id": first.inserted_id}, {"$set": {"status": "claimed"}}
+        )
+        store.messages.collection.update_one(
+            {"_id": first.inserted_id}, {"$set": {"heldUntil": now}}
+        )
         assert alarm.take(1) is None  # the poller's own writes do not wake it
-        store.messages.update_one(
+        store.messages.collection.update_one(
             {"_id": first.inserted_id}, {"$set": {"scheduledAt": now + seconds(9)}}
         )
         assert alarm.take(10) == now + seconds(9)
-        store.messages.insert_one({"chatId": chat(1), "content": "no date"})
+        store.messages.collection.insert_one({"chatId": chat(1), "content": "no date"})
         assert alarm.take(10) is not None  # now: a tick fails it at once, with a reason
     finally:
         stop.set()
@@ -248,7 +302,7 @@ def test_the_watcher_carries_on_after_a_mongodb_restart(
         sleep(1)
         daemon.start()
         due: Any = utcnow() + seconds(30)
-        store.messages.insert_one(message(due, chat_id=chat(0)))
+        store.messages.collection.insert_one(message(due, chat_id=chat(0)))
         assert rung_for(alarm, due)
         assert watcher.is_alive()
     finally:

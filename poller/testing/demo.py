@@ -9,9 +9,9 @@ from typing import Any
 
 from bson import ObjectId
 
+from poller.contract import FINAL
 from poller.daemon import Poller
 from poller.settings import Settings, default_instance_id
-from poller.store import FINAL
 from poller.testing.mongo import embedded_mongodb
 from poller.testing.waha import WahaSimulator
 
@@ -47,8 +47,10 @@ def demo() -> int:
 
 def _schedule(poller: Poller, now: datetime) -> ObjectId:
     """What the web app writes: a campaign of four messages, plus two that cannot go out."""
-    session_id = poller.store.sessions.insert_one({"name": "default"}).inserted_id
-    campaign_id = poller.store.campaigns.insert_one({"name": "Spring sale", "status": "running"})
+    session_id = poller.store.sessions.collection.insert_one({"name": "default"}).inserted_id
+    campaign_id = poller.store.campaigns.collection.insert_one(
+        {"name": "Spring sale", "status": "running"}
+    )
     recipients = ["447700900123", "447700900124@c.us", "+44 7700 900125", "120363012345678901@g.us"]
     docs: list[dict[str, Any]] = [
         {
@@ -74,13 +76,13 @@ def _schedule(poller: Poller, now: datetime) -> ObjectId:
             "scheduledAt": now - timedelta(hours=1),
         }
     )
-    poller.store.messages.insert_many(docs)
+    poller.store.messages.collection.insert_many(docs)
     _out(f"Scheduled {len(docs)} messages at {now:%H:%M:%S} UTC. Sending:\n")
     return ObjectId(campaign_id.inserted_id)
 
 
 def _all_final(poller: Poller) -> bool:
-    return poller.store.messages.count_documents({"status": {"$nin": list(FINAL)}}) == 0
+    return poller.store.messages.collection.count_documents({"status": {"$nin": list(FINAL)}}) == 0
 
 
 def _report(poller: Poller, waha: WahaSimulator, campaign_id: ObjectId) -> None:
@@ -92,7 +94,7 @@ def _report(poller: Poller, waha: WahaSimulator, campaign_id: ObjectId) -> None:
         _out(f"  {gap:>6} {message.session:<8} {message.chat_id:<28} {message.text}\n")
     _out("\nMessages in MongoDB:\n")
     _out(f"  {'chatId':<26} {'status':<8} {'late':>6}  lastError\n")
-    for doc in poller.store.messages.find().sort("scheduledAt", 1):
+    for doc in poller.store.messages.collection.find().sort("scheduledAt", 1):
         late = ""
         if doc.get("sentAt"):
             late = f"{(doc['sentAt'] - doc['scheduledAt']).total_seconds():.1f}s"
@@ -100,7 +102,7 @@ def _report(poller: Poller, waha: WahaSimulator, campaign_id: ObjectId) -> None:
             f"  {str(doc.get('chatId')):<26} {doc.get('status', '-'):<8} {late:>6}  "
             f"{doc.get('lastError') or ''}\n"
         )
-    campaign = poller.store.campaigns.find_one({"_id": campaign_id}) or {}
+    campaign = poller.store.campaigns.collection.find_one({"_id": campaign_id}) or {}
     name, status, stats = campaign.get("name"), campaign.get("status"), campaign.get("stats")
     _out(f"\nCampaign '{name}': {status}, stats {stats}\n")
 

@@ -3,7 +3,8 @@
 It answers /api/sendText, /api/sendImage, /api/sendFile, /api/sendSeen, /api/startTyping,
 /api/stopTyping, /api/sessions and /ping with WAHA's codes and bodies (see WAHA's CONTRACT: 201
 with a WAMessage, 401 for a wrong key, 404 for an unknown session, 422 after a wait when the
-session is not WORKING, 500 for engine errors) and records every request.
+session is not WORKING, 500 for engine errors) and records every request. Like WAHA, it sends
+`Keep-Alive: timeout=5` and closes a connection left idle that long.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import secrets
+import select
 import socket
 import threading
 import time
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,21 @@ class WahaSimulator:
     seed: int = 0
     # Called with every request; whatever it returns (an error text) is kept in `violations`.
     validator: Callable[[Request], str | None] | None = None
+    # WAHA Core as observed (2024.10.8): `default` is always listed, any other session gets a
+    # 422 on every send route, and there is no new-message-id route.
+    core: bool = False
+    # A kept-alive connection idle this long is closed, as WAHA (Node) does after 5 s.
+    keepalive_seconds: float = 5.0
+    # path -> (code, content type, body text), answered instead of the route: odd answers.
+    raw_answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    # GET /api/sessions waits this long before it answers: a hanging WAHA.
+    listing_delay: float = 0.0
 
     requests: list[Request] = field(default_factory=list)
     sent: list[SentMessage] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    connections_opened: int = 0
+    connections_closed_idle: int = 0  # closed by the simulator after keepalive_seconds idle
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -98,6 +111,7 @@ class WahaSimulator:
             # Headers and body go out in two writes: without this, Nagle's algorithm and the
             # client's delayed ACK hold every answer back by about 40 ms.
             disable_nagle_algorithm = True
+            answered = False  # on this connection, so far
 
             def do_GET(self) -> None:
                 simulator._handle(self, "GET")
@@ -109,6 +123,17 @@ class WahaSimulator:
                 super().setup()
                 with simulator._lock:
                     simulator._connections.add(self.connection)
+                    simulator.connections_opened += 1
+
+            def handle_one_request(self) -> None:
+                # Like Node's keepAliveTimeout: idle time counts from the last answer sent.
+                wait = simulator.keepalive_seconds
+                if self.answered and not select.select([self.connection], [], [], wait)[0]:
+                    simulator._close_idle(self.connection)
+                    self.close_connection = True
+                    return
+                super().handle_one_request()
+                self.answered = True
 
             def finish(self) -> None:
                 with simulator._lock:
@@ -129,7 +154,9 @@ class WahaSimulator:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        # The default 0.5 s poll would add up to 0.5 s to every stop().
+        serve = self._server.serve_forever
+        threading.Thread(target=serve, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -167,6 +194,16 @@ class WahaSimulator:
 
     # -- request handling -------------------------------------------------------------------------
 
+    def _close_idle(self, connection: socket.socket) -> None:
+        """Close a connection nobody used for keepalive_seconds, then count it: a client that
+        sees the count has also seen the close."""
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with self._lock:
+            self.connections_closed_idle += 1
+
     def _handle(self, http: BaseHTTPRequestHandler, method: str) -> None:
         length = int(http.headers.get("Content-Length") or 0)
         parts = urlsplit(http.path)
@@ -185,11 +222,17 @@ class WahaSimulator:
             if problem:
                 with self._lock:
                     self.violations.append(f"{method} {parts.path}: {problem}")
-        code, body = self._answer(request)
-        payload = json.dumps(body).encode()
+        if request.path in self.raw_answers:
+            code, content_type, text = self.raw_answers[request.path]
+            payload = text.encode()
+        else:
+            code, body = self._answer(request)
+            content_type, payload = "application/json; charset=utf-8", json.dumps(body).encode()
         http.send_response(code)
-        http.send_header("Content-Type", "application/json; charset=utf-8")
+        http.send_header("Content-Type", content_type)
         http.send_header("Content-Length", str(len(payload)))
+        http.send_header("Connection", "keep-alive")
+        http.send_header("Keep-Alive", f"timeout={self.keepalive_seconds:g}")
         http.end_headers()
         http.wfile.write(payload)
 
@@ -201,43 +244,56 @@ class WahaSimulator:
         if self.api_key is not None and request.headers.get("X-Api-Key") != self.api_key:
             return 401, {"message": "Unauthorized", "statusCode": 401}
         if request.method == "GET" and request.path == "/api/sessions":
+            time.sleep(self.listing_delay)
             if self.listing_fails > 0:
                 self.listing_fails -= 1
                 return 502, {"message": "Bad Gateway"}
-            return 200, [self._session_info(name) for name in self.sessions]
+            return 200, [self._session_info(name) for name in self._listed()]
         if request.method == "GET" and request.path.startswith("/api/sessions/"):
-            name = request.path.removeprefix("/api/sessions/")
-            if name not in self.sessions:
+            name = unquote(request.path.removeprefix("/api/sessions/"))
+            if name not in self._listed():
                 return _error(404, f"We didn't find a session with name '{name}'.")
             return 200, self._session_info(name)
-        if request.method == "POST" and request.path in SENDS:
-            return self._send(request)
-        if request.method == "POST" and request.path in CHAT_ACTIONS:
+        if request.method == "POST" and request.path in SENDS + CHAT_ACTIONS:
             body = _body(request)
             if not isinstance(body, dict):
                 return body
+            if self.core and body.get("session") != "default":
+                return _error(422, CORE_ONLY)  # at once, before any look at the session
+            if request.path in SENDS:
+                return self._send(request.path, body)
             if not self.chat_actions:
                 return _error(422, "The method is not implemented by the engine.")
             return self._session_problem(body.get("session")) or (201, {"result": True})
+        parts = request.path.split("/")  # ["", "api", session, "new-message-id"]
         if (
             self.message_ids
+            and not self.core
             and request.method == "GET"
-            and request.path.startswith("/api/")
-            and request.path.endswith("/new-message-id")
+            and len(parts) == 4
+            and parts[:2] == ["", "api"]
+            and parts[3] == "new-message-id"
         ):
-            session = request.path.split("/")[2]
+            session = unquote(parts[2])
             return self._session_problem(session) or (200, {"id": secrets.token_hex(10).upper()})
-        return _error(404, f"Cannot {request.method} {request.path}")
+        # Express's answer for a path no route serves: it quotes the path as requested.
+        query = f"?{request.query}" if request.query else ""
+        return _error(404, f"Cannot {request.method} {request.path}{query}")
+
+    def _listed(self) -> dict[str, str]:
+        """Session name -> status, as GET /api/sessions?all=true lists them."""
+        return {"default": "STOPPED", **self.sessions} if self.core else self.sessions
 
     def _session_problem(self, session: object) -> tuple[int, Any] | None:
         """WAHA's answer when `session` cannot send: 404 not started, 422 not WORKING."""
-        if session not in self.sessions or self.sessions[str(session)] == "STOPPED":
+        listed = self._listed()
+        if session not in listed or listed[str(session)] == "STOPPED":
             return _error(
                 404,
                 f"We didn't find a session with name '{session}'.\nPlease start it first by "
                 f"using POST /api/sessions/{session}/start request",
             )
-        status = self.sessions[str(session)]
+        status = listed[str(session)]
         if status != "WORKING":
             time.sleep(self.not_working_wait)
             return 422, {
@@ -250,10 +306,7 @@ class WahaSimulator:
             }
         return None
 
-    def _send(self, request: Request) -> tuple[int, Any]:
-        body = _body(request)
-        if not isinstance(body, dict):
-            return body
+    def _send(self, route: str, body: dict[str, Any]) -> tuple[int, Any]:
         session = body.get("session")
         problem = self._session_problem(session)
         if problem:
@@ -262,13 +315,13 @@ class WahaSimulator:
         chat_id = str(body.get("chatId"))
         if chat_id in self.scripted:
             return self.scripted[chat_id]
-        text = body.get("text") if request.path == "/api/sendText" else body.get("caption", "")
+        text = body.get("text") if route == "/api/sendText" else body.get("caption", "")
         if not isinstance(text, str):
             return engine_error("text is required")
         file = body.get("file")
-        if request.path != "/api/sendText" and not isinstance(file, dict):
+        if route != "/api/sendText" and not isinstance(file, dict):
             return engine_error("file is required")
-        given = body.get("id") if self.message_ids else None
+        given = body.get("id") if self.message_ids and not self.core else None
         message_id = f"true_{chat_id}_{given or secrets.token_hex(10).upper()}"
         with self._lock:
             fault = self._random.random()
@@ -279,7 +332,7 @@ class WahaSimulator:
             message = next((m for m in self.sent if given and m.id == message_id), None)
             if message is None:
                 message = SentMessage(
-                    message_id, str(session), chat_id, text, time.time(), request.path, file
+                    message_id, str(session), chat_id, text, time.time(), route, file
                 )
                 self.sent.append(message)
             stall = chat_id in self.stall_after_send
@@ -304,13 +357,24 @@ class WahaSimulator:
         }
 
     def _session_info(self, name: str) -> dict[str, Any]:
-        status = self.sessions[name]
+        status = self._listed()[name]
         me = {"id": "15550001111@c.us", "pushName": name} if status == "WORKING" else None
-        return {"name": name, "status": status, "config": None, "me": me, "engine": {}}
+        if self.core:
+            return {"name": name, "status": status, "config": None, "me": me}  # as observed
+        # SessionInfo as the published spec has it: `me` only once connected, never null.
+        info: dict[str, Any] = {"name": name, "status": status, "presence": {}, "engine": {}}
+        info["timestamps"] = {"activity": int(time.time() * 1000)}
+        if me:
+            info["me"] = me
+        return info
 
 
 SENDS = ("/api/sendText", "/api/sendImage", "/api/sendFile")
 CHAT_ACTIONS = ("/api/sendSeen", "/api/startTyping", "/api/stopTyping")
+CORE_ONLY = (
+    "WAHA Core support only 'default' session. If you want to run more then one WhatsApp "
+    "account - please get WAHA PLUS version. Check this out: https://waha.devlike.pro/"
+)
 
 
 def _body(request: Request) -> dict[str, Any] | tuple[int, Any]:

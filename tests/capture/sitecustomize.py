@@ -1,6 +1,6 @@
 """Loaded at start-up by every Python process the tests start (their PYTHONPATH names this
-folder): copies the process's stderr, where poller logs, to a file in $POLLER_TEST_LOGS, so that
-the suite can check every log line of every poller run for secrets."""
+folder): copies the process's stderr, where poller logs, to a file in $POLLER_TEST_LOGS, a folder
+of the test that started it, so that the test fails if a line shows a secret (conftest.py)."""
 
 from __future__ import annotations
 

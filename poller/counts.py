@@ -1,0 +1,62 @@
+"""What one tick did, counted: returned by `tick`, logged, written to the heartbeat and metrics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from poller.store.sweep import Settled
+
+_NOT_COUNTS = ("lateness", "next_at", "sessions")
+
+
+@dataclass
+class TickCounts:
+    claimed: int = 0
+    sent: int = 0
+    # Attempted, and to be tried again later: WAHA or the session could not take it now.
+    retried: int = 0
+    failed: int = 0
+    expired: int = 0
+    unknown: int = 0
+    cancelled: int = 0
+    # Held back by the daily cap or the quiet hours, until sending is allowed again.
+    held: int = 0
+    # Claimed, then given back without a request to WAHA (a stop, a paused session or campaign,
+    # another poller's turn): claimable again at once.
+    released: int = 0
+    key_rejected: bool = False
+    # sentAt - scheduledAt of each message sent, in seconds (for the lateness metric).
+    lateness: list[float] = field(default_factory=list)
+    # When there is something to send next: the next message's scheduled time, or a paced
+    # session's next turn. `poller run` ticks again then.
+    next_at: datetime | None = None
+    # Each WAHA session's name and status, as WAHA listed them this tick (None: not listed).
+    sessions: list[dict[str, str]] | None = None
+
+    def totals(self) -> dict[str, int | bool]:
+        """The counts alone, as written to the heartbeat and returned by run_once()."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_COUNTS}
+
+    def add(self, other: TickCounts) -> None:
+        """Add the counts of `other` (one session's sends, made in parallel) to these."""
+        for name, value in other.totals().items():
+            if name == "key_rejected":
+                self.key_rejected = self.key_rejected or bool(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+        self.lateness.extend(other.lateness)
+
+    def add_settled(self, settled: Settled) -> None:
+        """Count what a sweep or a cancellation ended."""
+        self.expired += settled.expired
+        self.unknown += settled.unknown
+        self.failed += settled.failed
+        self.cancelled += settled.cancelled
+
+    def summary(self) -> str:
+        return (
+            f"claimed={self.claimed} sent={self.sent} retried={self.retried} "
+            f"failed={self.failed} expired={self.expired} unknown={self.unknown} "
+            f"cancelled={self.cancelled} held={self.held} released={self.released}"
+        )

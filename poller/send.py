@@ -1,0 +1,360 @@
+"""Sending a claimed batch: each session's messages in order, the sessions side by side; for each
+message its turn, its WAHA message id, typing, the send, and its outcome on the document."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from loguru import logger
+from pymongo.errors import PyMongoError, WriteError
+
+from poller.breaker import SERVER, Breakers
+from poller.contract import (
+    CANCELLED,
+    FAILED,
+    PAUSED,
+    SENDING,
+    UNKNOWN,
+    Ready,
+    campaign_ref,
+    prepare,
+    session_name,
+    show,
+)
+from poller.counts import TickCounts
+from poller.pacing import Pacing
+from poller.store import BUSY, CAPPED, Doc, Store
+from poller.store.sweep import CANCELLED_DOUBT, CANCELLED_REASON
+from poller.waha import Outcome, Verdict, WahaClient
+
+# Sessions sent for side by side in one tick; more wait for the next round.
+MAX_PARALLEL_SESSIONS = 32
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every step of one tick works with."""
+
+    store: Store
+    waha: WahaClient
+    clock: Callable[[], datetime]
+    stop: threading.Event
+    breakers: Breakers
+    pacing: Pacing
+    # The `dailyCap` of each session document that sets one, read once a tick.
+    caps: dict[str, Any] = field(default_factory=dict)
+
+
+def send_all(t: Context, batch: list[Doc], names: dict[str, str], counts: TickCounts) -> None:
+    """Send each session's messages in order, the sessions side by side: one session's
+    typing pauses and gaps do not hold up another's. `names`: session names by sessionId."""
+    lease_until = t.clock() + t.store.timings.lease  # as claimed, whenever a session's turn comes
+    by_session: dict[str | None, list[Doc]] = {}
+    for doc in batch:
+        by_session.setdefault(session_name(doc, names), []).append(doc)
+    if len(by_session) == 1:
+        _send_batch(t, batch, names, lease_until, counts)
+        return
+    with ThreadPoolExecutor(min(len(by_session), MAX_PARALLEL_SESSIONS)) as pool:
+        futures = [
+            pool.submit(_send_batch_apart, t, docs, names, lease_until)
+            for docs in by_session.values()
+        ]
+    errors = []
+    for future in futures:
+        try:
+            counts.add(future.result())
+        except Exception as exc:  # re-raised below, once every session's counts are in
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
+
+def _send_batch_apart(
+    t: Context, batch: list[Doc], names: dict[str, str], lease_until: datetime
+) -> TickCounts:
+    counts = TickCounts()
+    _send_batch(t, batch, names, lease_until, counts)
+    return counts
+
+
+def _send_batch(
+    t: Context, batch: list[Doc], names: dict[str, str], lease_until: datetime, counts: TickCounts
+) -> None:
+    messages, lease = t.store.messages, t.store.timings.lease
+    for position, doc in enumerate(batch):
+        rest = [d["_id"] for d in batch[position:]]
+        if t.stop.is_set():
+            counts.released += messages.release(rest)
+            logger.info("released {} claimed message(s) not yet started", len(rest))
+            return
+        paused = t.breakers.open(t.clock())
+        if SERVER in paused:
+            counts.released += messages.release(rest, paused[SERVER])
+            return
+        if t.clock() > lease_until - lease / 2:
+            lease_until = t.clock() + lease
+            messages.extend(rest, lease_until)
+        try:
+            _send_one(t, doc, names, paused, counts)
+        except WriteError as exc:
+            _unwritable(t.store, doc, exc, t.clock(), counts)
+
+
+def _send_one(
+    t: Context, doc: Doc, names: dict[str, str], paused: dict[str, str], counts: TickCounts
+) -> None:
+    messages = t.store.messages
+    ready = prepare(doc, names, t.store.sessions.collection.name)
+    if isinstance(ready, str):
+        messages.finish(doc["_id"], FAILED, ready, t.clock())
+        counts.failed += 1
+        logger.warning("message {} failed: {}", doc["_id"], ready)
+        return
+    if ready.session in paused:  # its breaker opened during this tick: no request
+        counts.released += messages.release([doc["_id"]], paused[ready.session])
+        return
+    if _stopped_campaign(t, doc, counts):
+        return
+    cap = daily_cap(t, ready.session)
+    if isinstance(cap, str):
+        messages.release([doc["_id"]], cap, t.clock() + t.store.timings.retry)
+        counts.held += 1
+        logger.warning("message {} waits: {}", doc["_id"], cap)
+        return
+    turn = None
+    if t.pacing.paced or cap is not None:
+        now = t.clock()
+        got = t.store.turns.reserve(ready.session, now, t.pacing.day(now).isoformat(), cap)
+        if got == BUSY:  # another replica is sending for this session: back to the queue
+            counts.released += messages.release([doc["_id"]])
+            return
+        if got == CAPPED:
+            assert cap is not None
+            _hold_capped(t, doc, ready.session, cap, counts)
+            return
+        turn = _Turn(ready.session)
+    try:
+        _deliver(t, doc, ready, turn, counts)
+    finally:
+        if turn is not None:  # even after an error: a request that went out is paced
+            gap = t.pacing.gap() if turn.sent else timedelta()
+            t.store.turns.end(turn.session, t.clock() + gap, turn.sent)
+
+
+def _stopped_campaign(t: Context, doc: Doc, counts: TickCounts) -> bool:
+    """Whether the message's campaign was cancelled or paused since the claim: it then ends
+    `cancelled`, or goes back to wait for the campaign to resume."""
+    campaign = doc.get("campaignId")
+    if not campaign_ref(campaign):
+        return False
+    status = t.store.campaigns.status(campaign)
+    if status == CANCELLED:
+        if doc.get("inDoubt") is True:
+            t.store.messages.finish(doc["_id"], UNKNOWN, CANCELLED_DOUBT, t.clock())
+            counts.unknown += 1
+        else:
+            t.store.messages.finish(doc["_id"], CANCELLED, CANCELLED_REASON, t.clock())
+            counts.cancelled += 1
+        return True
+    if status == PAUSED:
+        counts.released += t.store.messages.release([doc["_id"]], held_until=t.clock())
+        return True
+    return False
+
+
+def _hold_capped(t: Context, doc: Doc, session: str, cap: int, counts: TickCounts) -> None:
+    now = t.clock()
+    until = t.pacing.next_day(now)
+    reason = (
+        f"Waiting: WhatsApp session '{session}' sent its daily cap of {cap} message(s); it "
+        f"sends again from {until.astimezone(t.pacing.zone):%Y-%m-%d %H:%M} "
+        f"({t.pacing.zone.key})."
+    )
+    messages = t.store.messages
+    messages.release([doc["_id"]], reason, held_until=until)
+    docs = list(messages.due_candidates(now))
+    names = t.store.sessions.names(docs)
+    same = [d["_id"] for d in docs if session_name(d, names) == session]
+    counts.held += 1 + messages.hold(now, same, until, reason)
+    logger.info("session '{}' reached its daily cap of {}: held until {}", session, cap, until)
+
+
+@dataclass
+class _Turn:
+    """The session's turn to send, which this poller holds in the pacing collection."""
+
+    session: str
+    sent: bool = False  # a send request went out: the gap follows, and it counts for the cap
+
+
+def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: TickCounts) -> None:
+    """Send one claimed message and record the outcome."""
+    messages, waha = t.store.messages, t.waha
+    send_id = None
+    if ready.media is None:
+        # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
+        send_id = doc.get("sendId") if isinstance(doc.get("sendId"), str) else None
+        if not send_id:
+            got = waha.new_message_id(ready.session)
+            if isinstance(got, Outcome):
+                _record(t, doc, ready, got, counts)
+                return
+            send_id = got
+    if t.pacing.typing:
+        refused = _type(t, ready)
+        if isinstance(refused, Outcome):  # the session cannot send now: nor can it type
+            _record(t, doc, ready, refused, counts)
+            return
+        if refused:
+            counts.released += messages.release([doc["_id"]])  # stopped while "typing"
+            return
+    if turn is not None and not t.store.turns.fence(turn.session, t.clock()):
+        counts.released += messages.release([doc["_id"]])  # too slow: another poller has it
+        logger.warning("message {}: the turn of session '{}' lapsed", doc["_id"], turn.session)
+        return
+    if not messages.start_sending(doc["_id"], t.clock(), send_id):
+        counts.released += messages.release([doc["_id"]])
+        logger.warning(
+            "message {} was deleted, cancelled or taken over meanwhile; skipped", doc["_id"]
+        )
+        return
+
+    if turn is not None:
+        turn.sent = True
+    if ready.media is None:
+        outcome = waha.send_text(ready.session, ready.chat_id, ready.text, send_id)
+    else:
+        outcome = waha.send_media(
+            ready.session, ready.chat_id, ready.media.file, ready.media.caption, ready.media.image
+        )
+    if outcome.ambiguous and not send_id:
+        why = (
+            "WAHA takes no message id for media"
+            if ready.media
+            else "this WAHA cannot pre-generate message ids"
+        )
+        outcome = Outcome(
+            Verdict.UNKNOWN,
+            f"{outcome.reason}. WhatsApp may have the message, and {why}, so it was not sent "
+            "again: check the chat before resending.",
+        )
+    _record(t, doc, ready, outcome, counts)
+
+
+def _type(t: Context, ready: Ready) -> Outcome | bool:
+    """Mark the chat seen and show "typing..." for a while, as a person would before sending.
+
+    True when the poller was told to stop during the pause. WAHA's answer when the session
+    (or WAHA) cannot send now: the message then waits. Any other refusal (an engine without
+    chat actions) only skips the typing.
+    """
+    for path in ("/api/sendSeen", "/api/startTyping"):
+        outcome = t.waha.chat_action(path, ready.session, ready.chat_id)
+        if outcome.verdict in (Verdict.RETRY, Verdict.REJECTED_KEY):
+            return outcome
+        if outcome.verdict is not Verdict.SENT:
+            logger.debug("no typing for {}: {} failed: {}", ready.chat_id, path, outcome.reason)
+            return False
+    stopped = t.stop.wait(t.pacing.typing_pause(ready.text))
+    t.waha.chat_action("/api/stopTyping", ready.session, ready.chat_id)
+    return stopped
+
+
+def daily_cap(t: Context, session: str) -> int | str | None:
+    """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
+    A `dailyCap` of 0, or one that is not a whole number, is a reason not to send."""
+    if session not in t.caps:
+        return t.pacing.daily_cap
+    value = t.caps[session]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    where = f"WhatsApp session '{session}' in {t.store.sessions.collection.name}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+        if value == 0:
+            return f"dailyCap of {where} is 0: it sends nothing until it is raised."
+    return (
+        f"dailyCap {show(value)} of {where} is not a whole number: nothing is sent for this "
+        "session until it is fixed."
+    )
+
+
+def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: TickCounts) -> None:
+    """MongoDB refuses to update this document as it is (a field of the wrong type, a schema
+    validator): it ends on its own, and the rest of the tick goes on."""
+    reason = f"MongoDB refused to update this message: {str(exc)[:200]}"
+    status = FAILED
+    try:
+        status = UNKNOWN if store.messages.status_of(doc["_id"]) == SENDING else FAILED
+        store.messages.finish(doc["_id"], status, reason, now)
+    except PyMongoError as again:
+        reason += f"; and it could not be marked {status}: {str(again)[:200]}"
+    if status == UNKNOWN:
+        counts.unknown += 1
+    else:
+        counts.failed += 1
+    logger.error("message {} {}: {}", doc["_id"], status, reason)
+
+
+def _record(t: Context, doc: Doc, ready: Ready, outcome: Outcome, counts: TickCounts) -> None:
+    messages, now, message_id = t.store.messages, t.clock(), doc["_id"]
+    if outcome.verdict is Verdict.SENT:
+        if not messages.mark_sent(message_id, outcome.message_id, now):
+            logger.error(
+                "message {} was sent, but its document had changed: not recorded", message_id
+            )
+        counts.sent += 1
+        scheduled = doc.get("scheduledAt")
+        if isinstance(scheduled, datetime):
+            counts.lateness.append((now - scheduled).total_seconds())
+        logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
+    elif outcome.verdict is Verdict.FAILED:
+        messages.finish(message_id, FAILED, outcome.reason, now)
+        counts.failed += 1
+        logger.warning("message {} failed: {}", message_id, outcome.reason)
+    elif outcome.verdict is Verdict.UNKNOWN:
+        messages.finish(message_id, UNKNOWN, outcome.reason, now)
+        counts.unknown += 1
+        logger.warning("message {} outcome unknown: {}", message_id, outcome.reason)
+    elif outcome.verdict is Verdict.REJECTED_KEY:
+        # Not the message's fault: give it back untouched.
+        messages.release([message_id], outcome.reason)
+        counts.released += 1
+        counts.key_rejected = True
+    else:
+        retry_at = now + t.store.timings.retry_delay(_attempts(doc) + 1)
+        messages.release([message_id], outcome.reason, retry_at, in_doubt=outcome.ambiguous)
+        counts.retried += 1
+        logger.info("message {} will be retried: {}", message_id, outcome.reason)
+    _feed_breaker(t.breakers, ready.session, outcome, now)
+
+
+def _attempts(doc: Doc) -> int:
+    """How often the message was tried before this claim (as the poller counts them)."""
+    value = doc.get("attempts")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _feed_breaker(breakers: Breakers, session: str, outcome: Outcome, now: datetime) -> None:
+    """What an answer says about the session, or about the whole WAHA server."""
+    if outcome.verdict is Verdict.SENT:
+        breakers.succeeded(session)
+        return
+    if outcome.verdict is Verdict.FAILED and (outcome.status_code or 0) < 500:
+        return  # WAHA refused this message (400, ...): the session is fine
+    # A refused key, or no connection at all: nothing else would get through either.
+    server = outcome.verdict is Verdict.REJECTED_KEY or outcome.unreachable
+    key = SERVER if server else session
+    # WAHA said the session is not started (404) or not WORKING (422): no need to ask again.
+    at_once = server or outcome.status_code in (404, 422)
+    if breakers.failed(key, now, outcome.reason, at_once):
+        log = logger.error if outcome.verdict is Verdict.REJECTED_KEY else logger.warning
+        what = "WAHA" if server else f"session '{session}'"
+        log("{} paused for {:g} s: {}", what, breakers.cooldown.total_seconds(), outcome.reason)

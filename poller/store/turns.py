@@ -1,0 +1,80 @@
+"""Pacing across replicas: one document per WhatsApp session says when it may send next, which
+poller holds its turn, and how many messages it sent on its local day."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pymongo.collection import Collection
+from pymongo.errors import DuplicateKeyError
+
+from poller.store.base import Doc
+from poller.timings import Timings
+
+# The outcome of Turns.reserve: the session's turn to send, or why not.
+TAKEN, BUSY, CAPPED = "taken", "busy", "capped"
+
+
+class Turns:
+    def __init__(self, collection: Collection[Doc], timings: Timings, owner: str) -> None:
+        self.collection = collection
+        self.timings = timings
+        self.owner = owner
+
+    def reserve(self, session: str, now: datetime, day: str, cap: int | None) -> str:
+        """Take the session's turn to send: TAKEN, or BUSY (another message of it is being
+        sent, or its pacing gap has not passed), or CAPPED (it sent `cap` messages on `day`).
+
+        One conditional upsert: of two replicas asking at once, exactly one gets the turn.
+        """
+        if cap is not None and cap <= 0:
+            return CAPPED
+        query: Doc = {"_id": session, "nextAt": {"$lte": now}}
+        if cap is not None:
+            query["$or"] = [{"day": {"$ne": day}}, {"count": {"$lt": cap}}]
+        today = {"$eq": ["$day", day]}
+        try:
+            self.collection.update_one(
+                query,
+                [
+                    {
+                        "$set": {
+                            "nextAt": now + self.timings.turn_hold,
+                            "by": self.owner,
+                            "count": {
+                                "$cond": [today, {"$add": [{"$ifNull": ["$count", 0]}, 1]}, 1]
+                            },
+                            "day": day,
+                        }
+                    }
+                ],
+                upsert=True,
+            )
+            return TAKEN
+        except DuplicateKeyError:
+            current = self.collection.find_one({"_id": session}) or {}
+        next_at = current.get("nextAt")
+        if isinstance(next_at, datetime) and next_at > now:
+            return BUSY
+        return CAPPED if cap is not None and current.get("day") == day else BUSY
+
+    def fence(self, session: str, now: datetime) -> bool:
+        """Renew this poller's turn for the send it is about to make; False when the turn
+        lapsed and another poller took it (this message must then wait)."""
+        result = self.collection.update_one(
+            {"_id": session, "by": self.owner},
+            {"$set": {"nextAt": now + self.timings.fence_hold}},
+        )
+        return result.matched_count == 1
+
+    def end(self, session: str, next_at: datetime, sent: bool) -> None:
+        """Give the turn back: the session's next message waits until `next_at`. A turn that
+        sent nothing does not count towards the day's cap."""
+        update: Doc = {"$set": {"nextAt": next_at}}
+        if not sent:
+            update["$inc"] = {"count": -1}
+        self.collection.update_one({"_id": session, "by": self.owner}, update)
+
+    def waiting(self, since: datetime) -> dict[str, datetime]:
+        """Sessions whose next turn comes after `since`, with when."""
+        return {d["_id"]: d["nextAt"] for d in self.collection.find({"nextAt": {"$gt": since}})}
