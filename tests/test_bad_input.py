@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from bson import ObjectId
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -62,6 +63,7 @@ def says(value: Any, yes: list[Any]) -> bool:
     return any(equal(v, y) for v in values for y in yes)
 
 
+@pytest.mark.timeout(600)  # 40 examples of up to 30 documents each, on SecantusDB
 @settings(
     max_examples=40,
     deadline=None,
