@@ -10,12 +10,15 @@ demo:
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[demo]'
 	$(VENV)/bin/poller demo
 
-# The tests marked slow are left out (pyproject.toml): `make test PYTEST_ARGS='-m slow'` runs
-# only them, `PYTEST_ARGS='-m ""'` everything.
+# The tests run in one worker process per CPU (pytest-xdist); `make test PYTEST_WORKERS=0` runs
+# them in one process. The tests marked slow are left out (pyproject.toml): `make test
+# PYTEST_ARGS='-m slow'` runs only them, `PYTEST_ARGS='-m ""'` everything.
+PYTEST_WORKERS ?= auto
+
 test:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[test]'
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # poller against the reference design; rewrites the results in docs/benchmarks.md (~10 min).
 bench:

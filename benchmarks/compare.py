@@ -427,7 +427,7 @@ def main() -> int:
     args = parser.parse_args()
     logger.remove()  # the ticks run here for the round trips: their log is not the output
     if args.smoke:
-        args.messages, args.feed, args.horizon, args.history, args.idle = 40, 10, 10, 2000, 5
+        args.messages, args.feed, args.horizon, args.history, args.idle = 20, 5, 5, 300, 3
     out = {d: Figures() for d in DESIGNS}
     began = time.monotonic()
     folder = tempfile.mkdtemp(prefix="poller-bench-")

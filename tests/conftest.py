@@ -176,8 +176,10 @@ def make_settings(mongo_uri: str, db_name: str, waha: WahaSimulator) -> Callable
             "mongodb_db": db_name,
             "waha_url": waha.url,
             "waha_api_key": API_KEY,
-            "waha_timeout_seconds": 5.0,
-            "mongodb_timeout_seconds": 5.0,
+            # Generous: on a busy machine an answer is slow, not missing. A test of a timeout
+            # sets a short one.
+            "waha_timeout_seconds": 30.0,
+            "mongodb_timeout_seconds": 30.0,
             "instance_id": f"test-{uuid.uuid4().hex[:6]}",
             # Unpaced unless a test is about pacing: most tests send several messages at once.
             "pacing_min_seconds": 0.0,

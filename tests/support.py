@@ -92,7 +92,9 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         MONGODB_DB=settings.mongodb_db,
         WAHA_URL=settings.waha_url,
         WAHA_API_KEY=settings.waha_api_key,
-        MONGODB_TIMEOUT_SECONDS="2",
+        # Generous: on a busy machine an answer is slow, not missing. A test of an unreachable
+        # MongoDB sets a short one.
+        MONGODB_TIMEOUT_SECONDS="30",
         WAHA_TIMEOUT_SECONDS="10",
         PACING_MIN_SECONDS=str(settings.pacing_min_seconds),
         PACING_MAX_SECONDS=str(settings.pacing_max_seconds),

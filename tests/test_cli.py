@@ -46,31 +46,30 @@ def poller(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comple
     )
 
 
-@pytest.fixture
-def bare_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """An environment with no poller settings at all, run from an empty folder (no .env)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONGODB", "WAHA", "LOG"))}
-    yield env
+SETTINGS = ("MONGODB", "WAHA", "LOG")  # the prefixes of the settings these tests set
 
 
 @pytest.fixture
-def bare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process with no poller settings in its environment, in an empty folder (no .env);
-    the environment as it was afterwards (a .env read by `main` adds to it)."""
+def bare_env() -> dict[str, str]:
+    """An environment with no poller settings at all (run it from an empty folder: no .env)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS)}
+
+
+Main = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def main(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Main]:
+    """`poller ARGS` in this process, from an empty folder, with no poller settings in the
+    environment but `extra`: its exit code, stdout and stderr. The environment is put back
+    afterwards (a .env that `main` reads adds to it)."""
     saved = dict(os.environ)
     for name in saved:
-        if name.startswith(("MONGODB", "WAHA", "LOG")):
+        if name.startswith(SETTINGS):
             del os.environ[name]
     monkeypatch.chdir(tmp_path)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture
-def main(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """`poller ARGS` run in this process with `extra` in its environment: the exit code, stdout
-    and stderr (checked for secrets here: capsys keeps them from the suite's scan)."""
 
     def run(args: list[str], **extra: str) -> tuple[int, str, str]:
         os.environ.update(extra)
@@ -79,10 +78,13 @@ def main(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, st
         except SystemExit as exc:  # argparse: --help, or a usage error
             code = exc.code if isinstance(exc.code, int) else 2
         out, err = capsys.readouterr()
+        # What capsys read is not in the output the suite scans for secrets: scanned here.
         assert leaked_lines(out + err, SECRETS) == []
         return code, out, err
 
-    return run
+    yield run
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # -- configuration --------------------------------------------------------------------------------
@@ -106,11 +108,7 @@ def main(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, st
 )
 @pytest.mark.parametrize("command", ["run", "once"])
 def test_bad_configuration_exits_2_with_one_line(
-    bare: None,
-    main: Callable[..., tuple[int, str, str]],
-    extra: dict[str, str],
-    named: str,
-    command: str,
+    main: Main, extra: dict[str, str], named: str, command: str
 ) -> None:
     code, _, err = main([command], **extra)
     assert code == 2
@@ -128,9 +126,7 @@ def test_bad_configuration_exits_2_from_a_process_too(
     assert line.startswith("poller: configuration error: MONGODB_URI is required"), line
 
 
-def test_dotenv_file_is_read(
-    bare: None, main: Callable[..., tuple[int, str, str]], tmp_path: Path
-) -> None:
+def test_dotenv_file_is_read(main: Main, tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("MONGODB_URI=mongodb://localhost/x\nWAHA_URL=gopher://x\n")
     code, _, err = main(["once"])
     assert code == 2 and "WAHA_URL" in err
@@ -139,7 +135,7 @@ def test_dotenv_file_is_read(
 @pytest.mark.parametrize(
     "args", [["--help"], ["run", "--help"], ["once", "--help"], ["demo", "--help"]]
 )
-def test_help(bare: None, main: Callable[..., tuple[int, str, str]], args: list[str]) -> None:
+def test_help(main: Main, args: list[str]) -> None:
     code, out, _ = main(args)
     assert code == 0
     assert "usage: poller" in out
@@ -170,7 +166,9 @@ def test_once_exits_1_when_waha_refuses_the_key(
 
 
 def test_once_exits_1_when_mongodb_is_unreachable(settings: Settings, tmp_path: Path) -> None:
-    env = environment(settings, MONGODB_URI="mongodb://127.0.0.1:1/poller")
+    env = environment(
+        settings, MONGODB_URI="mongodb://127.0.0.1:1/poller", MONGODB_TIMEOUT_SECONDS="2"
+    )
     result = poller(["once"], env, tmp_path)
     assert result.returncode == 1
     assert "MongoDB is unavailable" in result.stderr
@@ -279,7 +277,6 @@ def test_stops_gracefully_on_signal(
         assert docs[message_id]["status"] == "pending" and docs[message_id]["isPicked"] is False
 
 
-@pytest.mark.timeout(180)
 def test_run_ticks_on_its_interval(settings: Settings, tmp_path: Path) -> None:
     log = tmp_path / "poller.log"
     with log.open("w") as stderr:
@@ -302,7 +299,9 @@ def test_run_ticks_on_its_interval(settings: Settings, tmp_path: Path) -> None:
 def test_run_exits_1_when_mongodb_is_unreachable_at_start(
     settings: Settings, tmp_path: Path
 ) -> None:
-    env = environment(settings, MONGODB_URI="mongodb://127.0.0.1:1/poller")
+    env = environment(
+        settings, MONGODB_URI="mongodb://127.0.0.1:1/poller", MONGODB_TIMEOUT_SECONDS="2"
+    )
     result = poller(["run"], env, tmp_path)
     assert result.returncode == 1
     assert "crashed: MongoDB is unavailable at start-up" in result.stderr

@@ -780,28 +780,35 @@ def test_stop_finishes_the_message_in_flight_and_releases_the_rest(
 def test_long_batches_renew_their_lease(
     store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
 ) -> None:
-    settings = make_settings(lease_seconds=1.0)
-    waha.latency = 0.3
+    """A clock that moves a second with each WAHA request: ten messages take twenty seconds, five
+    times a four-second lease, and no claim still held ever lapses."""
+    settings = make_settings(lease_seconds=4.0)
     now = utcnow()
-    for n in range(6):
+    for n in range(10):
         add(store, scheduled_at=now, chat_id=f"4477009000{n:02d}")
+    clock = [now]
     seen: list[Any] = []
     original = waha.validator
 
     def watch_leases(request: Request) -> str | None:
         # Every claim this poller still holds must have a live lease while it works.
+        clock[0] += seconds(1)
         lapsed = store.messages.collection.count_documents(
-            {"status": "claimed", "leaseUntil": {"$lt": utcnow()}}
+            {"status": "claimed", "leaseUntil": {"$lt": clock[0]}}
         )
         seen.append(lapsed)
         return original(request) if original else None
 
     waha.validator = watch_leases
     short_leases = Store.connect(settings)
-    counts = run_tick(short_leases, settings)
-    short_leases.close()
-    assert counts.sent == 6
-    assert len(seen) == 13 and set(seen) == {0}  # the sessions, then an id and a send for each
+    client = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
+    try:
+        counts = tick(short_leases, client, settings.batch_size, clock=lambda: clock[0])
+    finally:
+        client.close()
+        short_leases.close()
+    assert counts.sent == 10
+    assert len(seen) == 21 and set(seen) == {0}  # the sessions, then an id and a send for each
 
 
 # -- campaigns ------------------------------------------------------------------------------------

@@ -258,6 +258,16 @@ def watch(store: Store) -> tuple[Watcher, Alarm, threading.Event]:
     return watcher, alarm, stop
 
 
+def waited_for(condition: Callable[[], bool], limit: float = 60) -> bool:
+    """Whether `condition` holds within `limit` seconds."""
+    deadline = monotonic() + limit
+    while not condition():
+        if monotonic() > deadline:
+            return False
+        sleep(0.1)
+    return True
+
+
 def rung_for(alarm: Alarm, at: datetime, limit: float = 60) -> bool:
     """Whether the alarm rings for `at` within `limit` seconds (other rings are skipped)."""
     deadline = monotonic() + limit
@@ -292,6 +302,7 @@ def test_the_watcher_rings_for_new_and_rescheduled_messages_only(store: Store) -
     assert not watcher.is_alive()
 
 
+@pytest.mark.timeout(300)  # a restart of SecantusDB, then the watcher's reconnection
 def test_the_watcher_carries_on_after_a_mongodb_restart(
     daemon: MongoDaemon, on_daemon: tuple[Settings, Store]
 ) -> None:
@@ -299,8 +310,9 @@ def test_the_watcher_carries_on_after_a_mongodb_restart(
     watcher, alarm, stop = watch(store)
     try:
         daemon.kill()
-        sleep(1)
+        assert waited_for(lambda: not watcher.watching.is_set())  # it saw the stream end
         daemon.start()
+        assert waited_for(watcher.watching.is_set)  # and opened it again
         due: Any = utcnow() + seconds(30)
         store.messages.collection.insert_one(message(due, chat_id=chat(0)))
         assert rung_for(alarm, due)
