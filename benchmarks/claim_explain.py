@@ -1,9 +1,11 @@
-"""How much the claim query reads: explain() of it over a collection with history and future.
+"""How much finding due messages reads: explain() of the query of new messages and of a lane's
+claim, over a collection with history, a future and a lane planned far ahead.
 
     .venv/bin/python benchmarks/claim_explain.py [N]
 
-Inserts N sent and N future messages plus 5 due ones into an embedded SecantusDB (slower than
-mongod on large collections: keep N in the thousands) and prints the plan and what it examined.
+Inserts N sent messages, N future ones, N planned in the lane `default` from a minute on, and 5
+due ones (planned in that lane) into an embedded SecantusDB (slower than mongod on large
+collections: keep N in the thousands) and prints each plan and what it examined.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from datetime import UTC, datetime, timedelta
 
 from poller.settings import Settings
 from poller.store import Store
-from poller.store.messages import CLAIM_INDEX
+from poller.store.plans import LANE_INDEX
 from poller.testing.mongo import embedded_mongodb
 
 
 def main(n: int) -> None:
     with embedded_mongodb() as uri:
-        store = Store.connect(Settings(mongodb_uri=uri, mongodb_db="bench", instance_id="bench"))
+        settings = Settings(
+            mongodb_uri=uri, mongodb_db="bench", instance_id="bench", mongodb_timeout_seconds=300
+        )
+        store = Store.connect(settings)
         store.ensure_indexes()
         now = datetime.now(UTC)
         sent = [
@@ -27,19 +32,27 @@ def main(n: int) -> None:
             for i in range(n)
         ]
         future = [{"scheduledAt": now + timedelta(minutes=i + 1)} for i in range(n)]
-        due = [{"scheduledAt": now - timedelta(seconds=i)} for i in range(5)]
-        store.messages.collection.insert_many(sent + future + due)
-        query = store.messages.collection.find(
-            store.messages.claimable(now), hint=CLAIM_INDEX, sort=[("scheduledAt", 1)]
-        )
-        explained = query.explain()
-        stats = explained["executionStats"]
-        print(f"documents in collection: {2 * n + 5}")
-        print(f"plan: {explained['queryPlanner']['winningPlan']}")
-        print(
-            f"returned {stats['nReturned']}, keys examined {stats['totalKeysExamined']}, "
-            f"documents examined {stats['totalDocsExamined']}"
-        )
+        lane = {"lane": "default", "priority": 0, "isPicked": False, "scheduledAt": now}
+        later = [{**lane, "plannedAt": now + timedelta(minutes=i + 1)} for i in range(n)]
+        due = [{**lane, "plannedAt": now - timedelta(seconds=i)} for i in range(5)]
+        store.messages.collection.insert_many(sent + future + later + due)
+        print(f"documents in collection: {3 * n + 5}")
+        new_query, new_index = store.plans.new_query(now)
+        claim_query, sort = store.plans.due_query("default", now)
+        for name, found in (
+            ("new messages", store.messages.collection.find(new_query, hint=new_index)),
+            (
+                "a lane's claim",
+                store.messages.collection.find(claim_query, sort=sort, hint=LANE_INDEX),
+            ),
+        ):
+            explained = found.explain()
+            stats = explained["executionStats"]
+            print(f"{name}: plan {explained['queryPlanner']['winningPlan']}")
+            print(
+                f"  returned {stats['nReturned']}, keys examined {stats['totalKeysExamined']}, "
+                f"documents examined {stats['totalDocsExamined']}"
+            )
         store.close()
 
 

@@ -64,7 +64,6 @@ from poller.breaker import Breakers  # noqa: E402
 from poller.pacing import Pacing  # noqa: E402
 from poller.settings import Settings  # noqa: E402
 from poller.store import Store  # noqa: E402
-from poller.store.messages import CLAIM_INDEX  # noqa: E402
 from poller.testing.mongo import mongo_daemon  # noqa: E402
 from poller.testing.waha import WahaSimulator  # noqa: E402
 from poller.tick import tick  # noqa: E402
@@ -319,10 +318,10 @@ def examined(count: int, rows: int, env: Bench, out: dict[str, Figures]) -> None
         "reference": store.messages.collection.find(
             {"isPicked": False, "scheduledAt": window}, limit=1
         ),
-        # Store.claim's first read of due messages, a batch of them
+        # The first read of due messages: those not yet planned, a batch of them
         "poller": store.messages.collection.find(
-            store.messages.claimable(now), {"_id": 1}, limit=settings.batch_size
-        ).hint(CLAIM_INDEX),
+            store.plans.new_query(now)[0], {"_id": 1}, limit=settings.batch_size
+        ).hint(store.plans.new_query(now)[1]),
     }
     for design, query in claims.items():
         stats = query.sort("scheduledAt", 1).explain()["executionStats"]

@@ -3,11 +3,15 @@ each of its fields is read. Pure functions of a document: no database, no networ
 
 A message moves through these states (its `status` field):
 
-    pending ─claim─> claimed ─start─> sending ─> sent | failed
-       ^               │                 │
-       └── retry ──────┘ (release)       └─ lease lapsed ─> unknown
-    pending/retry older than the lookback window ─> expired
+    new ─plan─> pending ─claim─> claimed ─start─> sending ─> sent | failed
+                  ^                │                 │
+                  └──── retry ─────┘ (release)       └─ lease lapsed ─> unknown
+    new, more than the lookback window past scheduledAt ─> expired
+    pending/retry more than the lookback window past plannedAt ─> expired
     not yet sent when its campaign is cancelled ─> cancelled
+
+"Planned" means the message has a `lane` (its session) and a `plannedAt`; a new message has
+neither, and a `pending` one may have no status field yet.
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ class TickCounts:
     expired: int = 0
     unknown: int = 0
     cancelled: int = 0
-    # Held back by the daily cap or the quiet hours, until sending is allowed again.
+    # New messages planned in their session's lane.
+    planned: int = 0
+    # Waiting messages planned again: their lane fell behind or had a hole, or an outage ended.
+    replanned: int = 0
+    # Planned again for later by the daily cap or the quiet hours.
     held: int = 0
     # Claimed, then given back without a request to WAHA (a stop, a paused session or campaign,
     # another poller's turn): claimable again at once.
@@ -58,5 +62,6 @@ class TickCounts:
         return (
             f"claimed={self.claimed} sent={self.sent} retried={self.retried} "
             f"failed={self.failed} expired={self.expired} unknown={self.unknown} "
-            f"cancelled={self.cancelled} held={self.held} released={self.released}"
+            f"cancelled={self.cancelled} planned={self.planned} replanned={self.replanned} "
+            f"held={self.held} released={self.released}"
         )

@@ -81,7 +81,7 @@ class Poller:
         (logger.info if busy else logger.debug)("tick: {}", counts.summary())
         if self.metrics:
             try:
-                due = self.store.messages.count_due(self.last_tick[0])
+                due = self.store.plans.count_due(self.last_tick[0])
             except PyMongoError:
                 due = -1  # the tick itself went through; only the backlog count is missing
             self.metrics.record(counts, time.monotonic() - began, due)

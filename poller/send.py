@@ -3,17 +3,16 @@ message its turn, its WAHA message id, typing, the send, and its outcome on the 
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from loguru import logger
 from pymongo.errors import PyMongoError, WriteError
 
+from poller import lanes
 from poller.breaker import SERVER, Breakers
+from poller.context import Context, daily_cap
 from poller.contract import (
     CANCELLED,
     FAILED,
@@ -24,30 +23,15 @@ from poller.contract import (
     campaign_ref,
     prepare,
     session_name,
-    show,
 )
 from poller.counts import TickCounts
-from poller.pacing import Pacing
+from poller.plan import cap_reason
 from poller.store import BUSY, CAPPED, Doc, Store
 from poller.store.sweep import CANCELLED_DOUBT, CANCELLED_REASON
-from poller.waha import Outcome, Verdict, WahaClient
+from poller.waha import Outcome, Verdict
 
 # Sessions sent for side by side in one tick; more wait for the next round.
 MAX_PARALLEL_SESSIONS = 32
-
-
-@dataclass(frozen=True)
-class Context:
-    """What every step of one tick works with."""
-
-    store: Store
-    waha: WahaClient
-    clock: Callable[[], datetime]
-    stop: threading.Event
-    breakers: Breakers
-    pacing: Pacing
-    # The `dailyCap` of each session document that sets one, read once a tick.
-    caps: dict[str, Any] = field(default_factory=dict)
 
 
 def send_all(t: Context, batch: list[Doc], names: dict[str, str], counts: TickCounts) -> None:
@@ -138,12 +122,14 @@ def _send_one(
             assert cap is not None
             _hold_capped(t, doc, ready.session, cap, counts)
             return
-        turn = _Turn(ready.session)
+        turn = _Turn(ready.session, now)
     try:
         _deliver(t, doc, ready, turn, counts)
     finally:
         if turn is not None:  # even after an error: a request that went out is paced
-            gap = t.pacing.gap() if turn.sent else timedelta()
+            # The plan spaces the sends at random; the turn keeps at least the shortest gap
+            # between two of them, whatever the plan (a lane catching up, replicas).
+            gap = timedelta(seconds=t.pacing.gap_min) if turn.sent else timedelta()
             t.store.turns.end(turn.session, t.clock() + gap, turn.sent)
 
 
@@ -163,25 +149,16 @@ def _stopped_campaign(t: Context, doc: Doc, counts: TickCounts) -> bool:
             counts.cancelled += 1
         return True
     if status == PAUSED:
-        counts.released += t.store.messages.release([doc["_id"]], held_until=t.clock())
+        counts.released += t.store.messages.release([doc["_id"]], unplan=True)
         return True
     return False
 
 
 def _hold_capped(t: Context, doc: Doc, session: str, cap: int, counts: TickCounts) -> None:
-    now = t.clock()
-    until = t.pacing.next_day(now)
-    reason = (
-        f"Waiting: WhatsApp session '{session}' sent its daily cap of {cap} message(s); it "
-        f"sends again from {until.astimezone(t.pacing.zone):%Y-%m-%d %H:%M} "
-        f"({t.pacing.zone.key})."
-    )
-    messages = t.store.messages
-    messages.release([doc["_id"]], reason, held_until=until)
-    docs = list(messages.due_candidates(now))
-    names = t.store.sessions.names(docs)
-    same = [d["_id"] for d in docs if session_name(d, names) == session]
-    counts.held += 1 + messages.hold(now, same, until, reason)
+    until = t.pacing.next_day(t.clock())
+    reason = cap_reason(t.pacing, session, cap, until)
+    t.store.messages.release([doc["_id"]], reason)
+    counts.held += lanes.replan(t, session, until, reason)
     logger.info("session '{}' reached its daily cap of {}: held until {}", session, cap, until)
 
 
@@ -190,7 +167,13 @@ class _Turn:
     """The session's turn to send, which this poller holds in the pacing collection."""
 
     session: str
+    taken: datetime  # when: it is held until `turn_hold` later
     sent: bool = False  # a send request went out: the gap follows, and it counts for the cap
+
+    def covers_send(self, t: Context) -> bool:
+        """Whether the turn as taken lasts through a send starting now, as a renewal would."""
+        timings = t.store.timings
+        return t.clock() + timings.fence_hold <= self.taken + timings.turn_hold
 
 
 def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: TickCounts) -> None:
@@ -214,7 +197,9 @@ def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: Tic
         if refused:
             counts.released += messages.release([doc["_id"]])  # stopped while "typing"
             return
-    if turn is not None and not t.store.turns.fence(turn.session, t.clock()):
+    if turn is not None and not (
+        turn.covers_send(t) or t.store.turns.fence(turn.session, t.clock())
+    ):
         counts.released += messages.release([doc["_id"]])  # too slow: another poller has it
         logger.warning("message {}: the turn of session '{}' lapsed", doc["_id"], turn.session)
         return
@@ -264,26 +249,6 @@ def _type(t: Context, ready: Ready) -> Outcome | bool:
     stopped = t.stop.wait(t.pacing.typing_pause(ready.text))
     t.waha.chat_action("/api/stopTyping", ready.session, ready.chat_id)
     return stopped
-
-
-def daily_cap(t: Context, session: str) -> int | str | None:
-    """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
-    A `dailyCap` of 0, or one that is not a whole number, is a reason not to send."""
-    if session not in t.caps:
-        return t.pacing.daily_cap
-    value = t.caps[session]
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    where = f"WhatsApp session '{session}' in {t.store.sessions.collection.name}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value > 0:
-            return value
-        if value == 0:
-            return f"dailyCap of {where} is 0: it sends nothing until it is raised."
-    return (
-        f"dailyCap {show(value)} of {where} is not a whole number: nothing is sent for this "
-        "session until it is fixed."
-    )
 
 
 def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: TickCounts) -> None:

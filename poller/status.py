@@ -11,6 +11,7 @@ from pymongo.errors import PyMongoError
 from rich.console import Console
 from rich.table import Table
 
+from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
 
@@ -47,31 +48,63 @@ def status(settings: Settings, as_json: bool = False) -> int:
     try:
         store = Store.connect(settings)
         try:
-            overview = _overview(store, now)
+            overview = _overview(store, now, Pacing.from_settings(settings))
         finally:
             store.close()
     except PyMongoError as exc:
         _line(f"poller status: MongoDB is unavailable: {_one_line(exc)}")
         return 1
     if as_json:
-        sys.stdout.write(json.dumps(overview, default=str, indent=2) + "\n")
+        sys.stdout.write(json.dumps(overview, default=_json, indent=2) + "\n")
     else:
         _render(overview, now)
     return 0
 
 
-def _overview(store: Store, now: datetime) -> dict[str, Any]:
-    """Live pollers, the message backlog, the last 24 hours' outcomes, running campaigns."""
+def _overview(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
+    """Live pollers, the message backlog, each WhatsApp session's lane, the last 24 hours'
+    outcomes, running campaigns."""
     return {
         "instances": store.heartbeats.live(now),
+        "sessions": _sessions(store, now, pacing),
         "messages": {
-            "dueNow": store.messages.count_due(now),
+            "dueNow": store.plans.count_due(now),
             "inProgress": store.messages.in_progress(),
-            "scheduledLater": store.messages.scheduled_later(now),
+            "scheduledLater": store.plans.later(now),
         },
         "last24h": store.messages.outcomes_since(now - timedelta(hours=24)),
         "campaigns": store.campaigns.running(),
     }
+
+
+def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any]]:
+    """Per WhatsApp session: how many messages wait, the next planned send, today's sends
+    against the daily cap, and why it is not sending when it is not."""
+    caps = store.sessions.daily_caps()
+    today = pacing.day(now).isoformat()
+    rows = []
+    for name, lane in sorted(store.turns.lanes().items()):
+        cap = caps.get(name, pacing.daily_cap)
+        sent_today = int(lane.get("count") or 0) if lane.get("day") == today else 0
+        waiting = store.plans.count(name)
+        next_at = store.plans.first(name)
+        quiet = pacing.quiet_until(now)
+        why = lane.get("blocked")
+        if why is None and quiet is not None and waiting:
+            why = f"quiet hours ({pacing.describe_quiet()}) until {quiet.isoformat()}"
+        elif why is None and isinstance(cap, int) and sent_today >= cap and waiting:
+            why = f"daily cap of {cap} reached"
+        rows.append(
+            {
+                "session": name or "(none)",
+                "waiting": waiting,
+                "nextPlannedAt": next_at,
+                "sentToday": sent_today,
+                "dailyCap": cap,
+                "notSending": why,
+            }
+        )
+    return rows
 
 
 def _render(overview: dict[str, Any], now: datetime) -> None:
@@ -97,6 +130,22 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         pollers.add_row("[red]none: nothing is sending[/red]", "", "", "", "", "", "")
     console.print(pollers)
 
+    sessions = Table(title="WhatsApp sessions", title_justify="left")
+    for column in ("session", "waiting", "next planned send", "sent today", "not sending because"):
+        sessions.add_column(column)
+    for row in overview["sessions"]:
+        cap = row["dailyCap"]
+        sessions.add_row(
+            row["session"],
+            str(row["waiting"]),
+            _when(row["nextPlannedAt"], now),
+            f"{row['sentToday']} of {cap}" if cap is not None else str(row["sentToday"]),
+            row["notSending"] or "-",
+        )
+    if not overview["sessions"]:
+        sessions.add_row("none", "", "", "", "")
+    console.print(sessions)
+
     messages = Table(title="Messages", title_justify="left")
     counts = {**overview["messages"], **overview["last24h"]}
     labels = {
@@ -115,7 +164,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     console.print(messages)
 
     campaigns = Table(title="Running campaigns", title_justify="left")
-    for column in ("campaign", "status", "sent", "failed", "expired", "total", "progress"):
+    for column in ("campaign", "status", "sent", "failed", "expired", "total", "progress", "eta"):
         campaigns.add_column(column)
     for campaign in overview["campaigns"]:
         stats = campaign.get("stats") or {}
@@ -127,10 +176,35 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
             *(str(stats.get(k, 0)) for k in ("sent", "failed", "expired")),
             str(total),
             f"{100 * done / total:.0f}%" if total else "-",
+            _when(campaign.get("eta"), now),
         )
     if not overview["campaigns"]:
-        campaigns.add_row("none", "", "", "", "", "", "")
+        campaigns.add_row("none", "", "", "", "", "", "", "")
     console.print(campaigns)
+
+
+def _when(at: Any, now: datetime) -> str:
+    """A time as an operator reads it: UTC, and how far from now."""
+    if not isinstance(at, datetime):
+        return "-"
+    ahead = (at - now).total_seconds()
+    rel = f"in {_span(ahead)}" if ahead >= 0 else f"{_span(-ahead)} ago"
+    return f"{at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC ({rel})"
+
+
+def _span(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _json(value: Any) -> Any:
+    """Dates as ISO 8601 in UTC; anything else json cannot write (ids) as text."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
 
 
 def _one_line(exc: Exception) -> str:

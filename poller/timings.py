@@ -41,9 +41,6 @@ class Timings:
     # A poller that dies holding it blocks the session no longer than that.
     turn_hold: timedelta
     fence_hold: timedelta
-    # A message the poller holds back (pacing, a paused campaign) has its heldUntil moved up
-    # once it is this old: a quarter of the window, leaving the rest for a tick to come.
-    hold_refresh: timedelta
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Timings:
@@ -66,7 +63,6 @@ class Timings:
             send_lease=send_lease,
             turn_hold=seconds(before_send) + pacing_max,
             fence_hold=send_lease + pacing_max,
-            hold_refresh=lookback / 4,
         )
 
     def retry_delay(self, attempts: int) -> timedelta:
@@ -74,7 +70,7 @@ class Timings:
         RETRY_SECONDS, doubled per attempt up to RETRY_DOUBLINGS times, then drawn at
         random from its upper half so that many messages retried together spread out.
 
-        The wait never makes a message late: it expires, as always, once its scheduled time is
+        The wait never makes a message late: it expires, as always, once its planned time is
         more than the lookback window behind."""
         factor = 1 << min(max(attempts - 1, 0), RETRY_DOUBLINGS)
         return self.retry * factor * random.uniform(0.5, 1.0)

@@ -73,15 +73,15 @@ def test_a_message_id_answer_without_an_id_is_retried_never_claimed_again_in_the
 
 def test_a_tick_never_takes_back_its_own_claims_but_the_next_tick_does(store: Store) -> None:
     now = utcnow()
-    store.messages.collection.insert_many([message(now, chat_id=chat(n)) for n in range(3)])
-
-    def every(page: list[dict[str, Any]], room: int) -> list[Any]:
-        return [d["_id"] for d in page][:room]
-
-    assert len(store.messages.claim(now, now, 10, every)) == 3
+    store.messages.collection.insert_many(
+        [{**message(now, chat_id=chat(n)), "lane": "default", "plannedAt": now} for n in range(3)]
+    )
+    ids = [d["_id"] for d in store.plans.due("default", now, 10)]
+    assert len(store.messages.take(ids, now)) == 3
     later = now + seconds(1)
-    assert store.messages.claim(later, now, 10, every) == [], "this tick's own claims"
-    assert len(store.messages.claim(later, later, 10, every)) == 3, "a failed tick's claims"
+    assert store.messages.lapsed(later, now, 10) == [], "this tick's own claims"
+    lapsed = [d["_id"] for d in store.messages.lapsed(later, later, 10)]
+    assert len(store.messages.take_over(lapsed, later, later)) == 3, "a failed tick's claims"
 
 
 # -- 2. a backlog of late messages -----------------------------------------------------------------
@@ -242,7 +242,8 @@ def test_a_session_waha_does_not_list_burns_no_turn_and_no_daily_count(
 
     assert (counts.claimed, counts.retried) == (0, 0)
     assert waha.message_requests() == []
-    assert store.turns.collection.count_documents({}) == 0
+    lane = store.turns.collection.find_one({"_id": "sales"})
+    assert lane is not None and "nextAt" not in lane and "count" not in lane
     assert "WAHA has no WhatsApp session 'sales'" in get(store, message_id)["lastError"]
 
 
@@ -272,15 +273,20 @@ def test_one_rule_names_the_session_for_claim_hold_pacing_and_send(
 
 
 class TurnGivenBack(Listener):
-    """Another poller gives the turn of `default` back (at `start` + 1 s) while this tick holds
-    the session's message back for it; the fake clock then reads `start` + 2 s."""
+    """Another poller gives the turn of `default` back (at `start` + 1 s) just after this tick
+    read that it was busy; the fake clock then reads `start` + 2 s."""
 
     def __init__(self, store: Store, start: datetime) -> None:
         self.store, self.start, self.now = store, start, start
+        self.reads: set[int] = set()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        updates = event.command.get("updates", []) if event.command_name == "update" else []
-        if any("heldUntil" in u["u"].get("$set", {}) for u in updates if isinstance(u["u"], dict)):
+        wanted = event.command_name == "find" and "nextAt" in event.command.get("filter", {})
+        if wanted and self.now == self.start:
+            self.reads.add(event.request_id)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        if event.request_id in self.reads and self.now == self.start:
             turn = {"$set": {"nextAt": self.start + seconds(1)}}
             self.store.turns.collection.update_one({"_id": "default"}, turn)
             self.now = self.start + seconds(2)
@@ -351,7 +357,7 @@ def test_due_counts_held_messages_too(store: Store) -> None:
             message(now + seconds(60), chat_id=chat(3)),
         ]
     )
-    assert store.messages.count_due(now) == 2
+    assert store.plans.count_due(now) == 2
 
 
 # -- 13. a key pasted with an invisible character -------------------------------------------------

@@ -393,10 +393,10 @@ def test_the_daily_cap_holds_the_rest_until_the_next_local_day(
     pacing = Pacing(daily_cap=3, zone=ROME)
 
     first = tick(store, client, 20, now=evening, pacing=pacing)
-    assert (first.sent, first.held) == (3, 2)
+    assert (first.sent, first.held) == (3, 2), "planned for the next day from the start"
     midnight = datetime(2026, 11, 26, tzinfo=ROME).astimezone(UTC)
     for doc in store.messages.collection.find({"_id": {"$in": ids}, "status": {"$ne": "sent"}}):
-        assert doc["heldUntil"] == midnight and doc["isPicked"] is False
+        assert doc["plannedAt"] == midnight and doc["isPicked"] is False
         assert "daily cap of 3" in doc["lastError"]
 
     assert tick(store, client, 20, now=midnight - seconds(1), pacing=pacing).sent == 0
@@ -428,7 +428,7 @@ def test_a_session_document_sets_its_own_cap(
     assert len(sent_times(store, "old")) == 2, "DAILY_CAP applies without one"
     assert sent_times(store, "odd") == sent_times(store, "off") == []
     odd = store.messages.collection.find_one({"session": "odd"})
-    assert "dailyCap 'lots'" in odd["lastError"] and odd["status"] == "retry"
+    assert "dailyCap 'lots'" in odd["lastError"] and odd["isPicked"] is False
     # Not the poller's hold: these wait like a session that is not WORKING, then expire.
     later = tick(store, client, 20, now=now + seconds(121), pacing=Pacing(daily_cap=2))
     assert later.expired == 6
@@ -478,7 +478,7 @@ def test_quiet_hours_hold_messages_overnight_then_send_them_paced(
     morning = datetime(2026, 11, 26, 8, 0, tzinfo=ROME).astimezone(UTC)
     doc = store.messages.collection.find_one()
     assert (
-        doc["heldUntil"] == morning and "quiet hours (22:00-08:00 Europe/Rome)" in doc["lastError"]
+        doc["plannedAt"] == morning and "quiet hours (22:00-08:00 Europe/Rome)" in doc["lastError"]
     )
     assert tick(store, client, 20, now=morning - seconds(3600 * 5), pacing=pacing).sent == 0
 
@@ -592,7 +592,8 @@ def test_a_cancelled_campaign_ends_its_unsent_messages_cancelled(
     # Another poller has claimed the next message and is about to send it.
     rival = Store.connect(make_settings())
     first = start + seconds(20)
-    [claimed] = rival.messages.claim(first, first, 1, lambda page, room: [page[0]["_id"]])
+    [due] = rival.plans.due("default", first, 1)
+    [claimed] = rival.messages.take([due["_id"]], first)
 
     store.campaigns.collection.update_one({"_id": campaign}, {"$set": {"status": "cancelled"}})
     counts = tick(store, client, 20, now=start + seconds(21), pacing=pacing)

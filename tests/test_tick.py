@@ -12,6 +12,7 @@ from support import message, seconds, utcnow
 
 from poller.settings import Settings
 from poller.store import Store
+from poller.store.plans import LANE_INDEX, NEW_INDEX
 from poller.testing.waha import Request, SentMessage, WahaSimulator, engine_error
 from poller.tick import TickCounts, tick
 from poller.waha import WahaClient
@@ -193,7 +194,9 @@ def test_a_session_waha_does_not_list_waits_without_a_request_then_sends(
 
     assert (counts.claimed, counts.retried, counts.held) == (0, 0, 0)
     assert waha.message_requests() == [], "no request, no pacing turn, no daily count"
-    assert store.turns.collection.count_documents({}) == 0
+    lane = store.turns.collection.find_one({"_id": "sales"})
+    assert lane is not None and "nextAt" not in lane and "count" not in lane
+    assert "WAHA has no WhatsApp session 'sales'" in lane["blocked"]
     doc = get(store, message_id)
     assert doc["isPicked"] is False and "status" not in doc
     assert "WAHA has no WhatsApp session 'sales' (its sessions: none)" in doc["lastError"]
@@ -455,22 +458,35 @@ def test_a_message_deleted_after_its_claim_is_not_sent(
     assert get(store, second)["isPicked"] is False and get(store, second)["isDeleted"] is True
 
 
-def test_claim_query_uses_an_index(store: Store, settings: Settings) -> None:
+def test_plan_and_claim_queries_read_only_what_they_return(
+    store: Store, settings: Settings
+) -> None:
+    """Finding new messages and a lane's due ones follow an index, past 50 sent messages and
+    a lane of 50 planned for later."""
     now = utcnow()
-    store.messages.collection.insert_many(
-        [
-            message(now - seconds(3600 + n), chat_id=f"4477009{n:05d}", isSent=True, isPicked=True)
-            for n in range(50)
-        ]
-        + [message(now, chat_id="447700900999")]
-    )
-    plan = store.messages.collection.find(store.messages.claimable(now)).hint(
-        [("isPicked", 1), ("scheduledAt", 1)]
-    )
-    explained = plan.explain()
-    text = str(explained["queryPlanner"]["winningPlan"])
-    assert "IXSCAN" in text and "COLLSCAN" not in text
-    assert explained["executionStats"]["totalDocsExamined"] <= 2
+    sent = [
+        message(now - seconds(n), chat_id=f"4477009{n:05d}", isSent=True, isPicked=True)
+        for n in range(50)
+    ]
+    later = [
+        {**message(now, chat_id=f"4477019{n:05d}"), "lane": "default", "priority": 0}
+        | {"plannedAt": now + seconds(60 + n)}
+        for n in range(50)
+    ]
+    due = {**message(now, chat_id="447700900998"), "lane": "default", "priority": 0}
+    due["plannedAt"] = now - seconds(1)
+    new = message(now, chat_id="447700900999")
+    store.messages.collection.insert_many([*sent, *later, due, new])
+
+    lane_query = {"lane": "default", "plannedAt": {"$lte": now}, "isPicked": {"$ne": True}}
+    new_query = {"lane": None, "isPicked": {"$ne": True}, "scheduledAt": {"$lte": now}}
+    for query, hint in ((lane_query, LANE_INDEX), (new_query, NEW_INDEX)):
+        explained = store.messages.collection.find(query).hint(hint).explain()
+        text = str(explained["queryPlanner"]["winningPlan"])
+        assert "IXSCAN" in text and "COLLSCAN" not in text
+        assert explained["executionStats"]["totalDocsExamined"] == 1
+    assert [d["_id"] for d in store.plans.due("default", now, 5)] == [due["_id"]]
+    assert [d["_id"] for d in store.plans.new(now)] == [new["_id"]]
 
 
 def test_claim_is_exclusive_between_two_pollers(
@@ -518,8 +534,8 @@ def test_a_claim_lost_between_find_and_update_is_not_taken(
     rival_took: list[dict[str, Any]] = []
     real = store.messages.collection
 
-    def every(page: list[dict[str, Any]], room: int) -> list[Any]:
-        return [d["_id"] for d in page][:room]
+    ids = [d["_id"] for d in store.messages.collection.find()]
+    store.messages.collection.update_many({}, {"$set": {"lane": "default", "plannedAt": now}})
 
     class RivalFirst:
         def __getattr__(self, name: str) -> Any:
@@ -527,12 +543,12 @@ def test_a_claim_lost_between_find_and_update_is_not_taken(
 
         def update_many(self, *args: Any, **kwargs: Any) -> Any:
             if not rival_took:
-                rival_took.extend(rival.messages.claim(now, now, 10, every))
+                rival_took.extend(rival.messages.take(ids, now))
             return real.update_many(*args, **kwargs)
 
     store.messages.collection = RivalFirst()  # type: ignore[assignment]
     try:
-        taken = store.messages.claim(now, now, 10, every)
+        taken = store.messages.take(ids, now)
     finally:
         store.messages.collection = real
         rival.close()

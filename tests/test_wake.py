@@ -19,6 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from support import POLLER, environment, message, seconds, utcnow
 
 from poller.daemon import Wakeup
+from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
 from poller.testing.mongo import MongoDaemon
@@ -73,21 +74,20 @@ def test_a_tick_says_when_the_next_message_comes_due(store: Store, client: WahaC
     ]
 
 
-def test_a_message_held_until_later_is_due_then(store: Store) -> None:
+def test_a_message_planned_for_later_is_due_then(
+    store: Store, client: WahaClient, waha: WahaSimulator
+) -> None:
+    """A paced session's second message is planned 7 s after the first; a third one, scheduled
+    at 12 s, comes due then: `poller run` wakes for each."""
     now = utcnow()
     store.messages.collection.insert_many(
-        [message(now, chat_id=chat(0)), message(now + seconds(12), chat_id=chat(1))]
+        [message(now, chat_id=chat(0)), message(now, chat_id=chat(1))]
     )
-    first = store.messages.collection.find_one({"chatId": chat(0)})
-    assert first is not None
-    reason = "Waiting for the quiet hours to end."
-    assert store.messages.hold(now, [first["_id"]], now + seconds(7), reason) == 1
-    for after, expected in (
-        (now, now + seconds(7)),
-        (now + seconds(7), now + seconds(12)),
-        (now + seconds(12), None),
-    ):
-        assert store.messages.next_due(after, after + seconds(30)) == expected
+    store.messages.collection.insert_one(message(now + seconds(12), chat_id=chat(2), session="s2"))
+    first = tick(store, client, 20, now=now, pacing=Pacing(7, 7))
+    assert (first.sent, first.next_at) == (1, now + seconds(7))
+    second = tick(store, client, 20, now=now + seconds(7), pacing=Pacing(7, 7))
+    assert (second.sent, second.next_at) == (1, now + seconds(12))
 
 
 def test_wakeup_brings_the_tick_forward_and_never_moves_it_while_it_runs() -> None:

@@ -1,9 +1,11 @@
 """The MongoDB store: one connection, and one part per collection, each the one place for that
 collection's queries and indexes.
 
-    store.messages    the scheduled messages: what is due, claims, leases, outcomes
+    store.messages    the scheduled messages: claims, leases, outcomes
+    store.plans       the same collection: each session's lane of waiting messages, planned
     store.sweeper     the same collection: settling what can no longer be sent
-    store.turns       one document per WhatsApp session: whose turn it is to send (pacing)
+    store.turns       one document per WhatsApp session: whose turn it is to send (pacing), its
+                      plan's next free slot, why it cannot send
     store.campaigns   campaign pause/cancel flags, and their rolled-up stats
     store.sessions    the web app's WhatsApp session documents (names, daily caps)
     store.heartbeats  one document per live poller
@@ -22,6 +24,7 @@ from poller.store.base import Doc, create_index
 from poller.store.campaigns import Campaigns
 from poller.store.heartbeats import Heartbeats
 from poller.store.messages import Messages
+from poller.store.plans import Plans
 from poller.store.sessions import Sessions
 from poller.store.sweep import Sweeper
 from poller.store.turns import BUSY, CAPPED, TAKEN, Turns
@@ -39,6 +42,7 @@ class Store:
         db = client[settings.mongodb_db]
         self.db = db
         self.messages = Messages(db[settings.messages_collection], self.timings, self.owner)
+        self.plans = Plans(db[settings.messages_collection], self.timings)
         self.turns = Turns(db[settings.pacing_collection], self.timings, self.owner)
         self.sweeper = Sweeper(db[settings.messages_collection], self.timings, self.owner)
         self.campaigns = Campaigns(db[settings.campaigns_collection], self.messages, self.sweeper)
@@ -67,6 +71,7 @@ class Store:
     def ensure_indexes(self) -> None:
         """Create the indexes every part needs (idempotent); reaches MongoDB or raises."""
         self.messages.ensure_indexes()
+        self.plans.ensure_indexes()
         self.campaigns.ensure_indexes()
         self.heartbeats.ensure_indexes()
 

@@ -35,6 +35,21 @@ class Campaigns:
         """The ids of the campaigns the web app paused."""
         return [c["_id"] for c in self.collection.find({"status": PAUSED}, {"_id": 1})]
 
+    def to_hold(self) -> list[Any]:
+        """Paused campaigns whose messages the poller has not taken out of the plan yet."""
+        query = {"status": PAUSED, "heldAt": {"$exists": False}}
+        return [c["_id"] for c in self.collection.find(query, {"_id": 1})]
+
+    def to_resume(self) -> list[Any]:
+        """Campaigns the poller held that are no longer paused (a cancelled one is settled)."""
+        query = {"heldAt": {"$exists": True}, "status": {"$nin": [PAUSED, CANCELLED]}}
+        return [c["_id"] for c in self.collection.find(query, {"_id": 1})]
+
+    def mark_held(self, campaign_id: Any, now: datetime | None) -> None:
+        """Note that the campaign's messages are out of the plan (`now`), or back in (None)."""
+        update = {"$set": {"heldAt": now}} if now else {"$unset": {"heldAt": ""}}
+        self.collection.update_one({"_id": campaign_id}, update)
+
     def status(self, campaign_id: Any) -> Any:
         """A campaign's status as the web app (or the poller) wrote it; None without one."""
         found = self.collection.find_one({"_id": {"$in": id_variants(campaign_id)}}, {"status": 1})
@@ -70,10 +85,10 @@ class Campaigns:
         """Recount each campaign; mark it completed once none of its messages can still be sent.
         A cancelled campaign keeps its status and gets `completedAt` once nothing is in flight."""
         for campaign_id in campaign_ids:
-            stats = self.messages.campaign_stats(campaign_id)
+            stats, eta = self.messages.campaign_stats(campaign_id)
             ended = stats["sent"] + stats["failed"] + stats["expired"] + stats["cancelled"]
             done = "completed" if stats["sent"] == stats["total"] else "completed_with_failures"
-            fields: Doc = {"stats": stats, "recountedAt": now}
+            fields: Doc = {"stats": stats, "recountedAt": now, "eta": eta}
             if ended == stats["total"] > 0:
                 cancelled = {"$eq": ["$status", CANCELLED]}
                 fields["status"] = {"$cond": [cancelled, CANCELLED, done]}
@@ -94,6 +109,6 @@ class Campaigns:
         """Campaigns with stats that have not finished, for `poller status`."""
         found = self.collection.find(
             {"status": {"$nin": [*COMPLETED, CANCELLED]}, "stats": {"$exists": True}},
-            {"name": 1, "status": 1, "stats": 1},
+            {"name": 1, "status": 1, "stats": 1, "eta": 1},
         )
         return list(found.limit(limit))

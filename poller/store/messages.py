@@ -1,15 +1,13 @@
-"""The scheduled messages: finding work, claims as leases, outcomes, and the sweep of what is
-late or abandoned. Every query on the messages collection is built here.
+"""The scheduled messages: claims as leases, outcomes, and what an operator counts. Every query
+on the messages collection is built here or in `plans` (what waits, and when it goes).
 
-`claimed` and `sending` are leases: `pickedBy` owns them until `leaseUntil`. A message is due
-from its `scheduledAt`, or from its `heldUntil` when the poller itself held it back (pacing, the
-daily cap, quiet hours, a paused campaign): that wait never expires it. A `heldUntil` older than
-`scheduledAt` (the web app rescheduled it) no longer counts.
+`claimed` and `sending` are leases: `pickedBy` owns them until `leaseUntil`. A claimed message
+keeps its `plannedAt` until it ends, so a release puts it back where it was in its lane.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -36,20 +34,11 @@ from poller.timings import Timings
 
 NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 # Key patterns, hinted by pattern so an identical index the web app made under another name serves.
-CLAIM_INDEX = [("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
-HOLD_INDEX = [("heldUntil", ASCENDING)]
 Hint = list[tuple[str, int]]
-# Held until after its scheduled time: due from heldUntil, not from scheduledAt.
-HELD = {"$gt": ["$heldUntil", "$scheduledAt"]}
-# What choosing a message to claim needs to know of it.
-CANDIDATE = {"session": 1, "sessionId": 1, "campaignId": 1, "scheduledAt": 1, "heldUntil": 1}
-# Candidates read per page while choosing what to claim.
-PAGE = 100
-
-# Chooses, from a page of candidates in due order, the ids to claim (at most `room`).
-Chooser = Callable[[list[Doc], int], list[Any]]
+# Fields a claim's outcome removes: it no longer waits, nor holds a lease.
+ENDED = {"leaseUntil": "", "retryAt": "", "inDoubt": "", "heldUntil": "", "plannedAt": ""}
 
 
 class Messages:
@@ -59,77 +48,9 @@ class Messages:
         self.owner = owner
 
     def ensure_indexes(self) -> None:
-        """The indexes of the claim, the lease sweep, the rollup and the holds."""
-        for keys, name, sparse in (
-            (CLAIM_INDEX, "poller_claim", False),
-            (LEASE_INDEX, "poller_lease", True),
-            (CAMPAIGN_INDEX, "poller_campaign", True),
-            (HOLD_INDEX, "poller_hold", True),
-        ):
-            create_index(self.collection, keys, name, sparse=sparse)
-
-    # -- what is due ----------------------------------------------------------------------------
-
-    def claimable(self, now: datetime) -> Doc:
-        """Due, never-finished messages whose scheduled time is inside the lookback window
-        (and that the poller is not holding back)."""
-        return {
-            "isPicked": {"$ne": True},
-            "scheduledAt": {"$gte": now - self.timings.lookback, "$lte": now},
-            "$expr": {"$not": [HELD]},
-            **NOT_DONE,
-            "retryAt": {"$not": {"$gt": now}},
-        }
-
-    def held(self, now: datetime) -> Doc:
-        """Due, never-finished messages the poller held back until a time inside the window."""
-        return {
-            "heldUntil": {"$gte": now - self.timings.lookback, "$lte": now},
-            "$expr": HELD,
-            "isPicked": {"$ne": True},
-            **NOT_DONE,
-            "retryAt": {"$not": {"$gt": now}},
-        }
-
-    def due(self, now: datetime) -> list[tuple[Doc, Hint]]:
-        """The queries of every message that may be sent now, each with the index it needs."""
-        return [(self.claimable(now), CLAIM_INDEX), (self.held(now), HOLD_INDEX)]
-
-    def due_candidates(self, now: datetime) -> Iterator[Doc]:
-        """Every message due now, with what choosing it needs to know (CANDIDATE)."""
-        for query, hint in self.due(now):
-            yield from self.collection.find(query, CANDIDATE, hint=hint)
-
-    def count_due(self, now: datetime) -> int:
-        """Messages due now and not yet claimed, held ones included."""
-        return sum(self.collection.count_documents(q, hint=h) for q, h in self.due(now))
-
-    def next_due(self, after: datetime, until: datetime) -> datetime | None:
-        """When the first message due in (`after`, `until`] comes due: its scheduledAt, or the
-        heldUntil the poller gave it (quiet hours, a daily cap). `after` may be in the past
-        (the last claim): what came due since then is due now.
-
-        Three reads that follow an index in time order and stop at their first match, with no
-        filter beyond the index's own fields: a message that is deleted or sent by then only
-        makes a tick find nothing to do.
-        """
-        window = {"$gt": after, "$lte": until}
-        found = [
-            self.collection.find_one(
-                # false, or missing: the web app may not write isPicked at all
-                {"isPicked": picked, "scheduledAt": window},
-                {"scheduledAt": 1, "_id": 0},
-                sort=[("scheduledAt", ASCENDING)],
-            )
-            for picked in (False, None)
-        ]
-        held = self.collection.find_one(
-            {"heldUntil": window}, {"heldUntil": 1, "_id": 0}, sort=[("heldUntil", ASCENDING)]
-        )
-        times = [d["scheduledAt"] for d in found if d]
-        if held:
-            times.append(held["heldUntil"])
-        return min(times, default=None)
+        """The indexes of the lease sweep and the rollup (`plans` makes those of the plan)."""
+        create_index(self.collection, LEASE_INDEX, "poller_lease", sparse=True)
+        create_index(self.collection, CAMPAIGN_INDEX, "poller_campaign", sparse=True)
 
     # -- claims ---------------------------------------------------------------------------------
 
@@ -148,33 +69,24 @@ class Messages:
             **NOT_DONE,
         }
 
-    def claim(self, now: datetime, since: datetime, limit: int, choose: Chooser) -> list[Doc]:
-        """Atomically take up to `limit` messages: lapsed claims first, then newly due ones, in
-        due order; `choose` picks from each page of candidates the ones to take.
+    def lapsed(self, now: datetime, since: datetime, limit: int) -> list[Doc]:
+        """Claims whose poller went away, to take over (at most `limit`), in lease order."""
+        query = self.taken_over(now, since)
+        fields = {"session": 1, "sessionId": 1}
+        return list(self.collection.find(query, fields, hint=LEASE_INDEX, limit=limit))
+
+    def take_over(self, ids: list[Any], now: datetime, since: datetime) -> list[Doc]:
+        """Take over these claims (of `lapsed`), where they are still lapsed."""
+        return self._take(self.taken_over(now, since), ids, now)
+
+    def take(self, ids: list[Any], now: datetime) -> list[Doc]:
+        """Claim these waiting messages; those another poller claimed first are not returned.
 
         Each document is taken by one conditional update, so of two pollers racing for it
         exactly one wins; the other's update simply does not match.
         """
-        taken: list[Doc] = []
-        sources = [(self.taken_over(now, since), LEASE_INDEX), *self.due(now)]
-        for query, hint in sources:
-            order = hint[-1][0]
-            found = self.collection.find(query, CANDIDATE, hint=hint, sort=[(order, 1)])
-            page: list[Doc] = []
-            for doc in found.batch_size(PAGE):
-                page.append(doc)
-                if len(page) == PAGE:
-                    taken += self._take(query, choose(page, limit - len(taken)), now)
-                    page = []
-                    if len(taken) >= limit:
-                        break
-            if page and len(taken) < limit:
-                taken += self._take(query, choose(page, limit - len(taken)), now)
-            found.close()
-            if len(taken) >= limit:
-                break
-        taken.sort(key=_due_key)
-        return taken
+        query = {"isPicked": {"$ne": True}, "plannedAt": {"$exists": True}, **NOT_DONE}
+        return self._take(query, ids, now)
 
     def _take(self, query: Doc, ids: list[Any], now: datetime) -> list[Doc]:
         if not ids:
@@ -198,7 +110,7 @@ class Messages:
             ],
         )
         mine = {"_id": {"$in": ids}, "pickedBy": self.owner, "status": CLAIMED, "pickedAt": now}
-        return list(self.collection.find(mine))
+        return sorted(self.collection.find(mine), key=lambda d: ids.index(d["_id"]))
 
     def extend(self, message_ids: Iterable[Any], until: datetime) -> None:
         """Renew the lease on claims this poller still holds."""
@@ -206,57 +118,6 @@ class Messages:
             {"_id": {"$in": list(message_ids)}, "pickedBy": self.owner, "status": CLAIMED},
             {"$set": {"leaseUntil": until}},
         )
-
-    # -- messages that wait ---------------------------------------------------------------------
-
-    def hold(
-        self,
-        now: datetime,
-        ids: list[Any] | None,
-        until: datetime | None = None,
-        reason: str | None = None,
-        which: Doc | None = None,
-    ) -> int:
-        """Hold due messages back (those of `ids`, or every one, or those `which` matches): they
-        are late from `until` on, not before.
-
-        With `until` (the daily cap, quiet hours) they are not claimed before it either.
-        Without it (pacing, a paused campaign) they stay claimable, and only those held for
-        a while are written, so that a long wait costs one write per message now and then.
-        """
-        if ids is not None and not ids:
-            return 0
-        fields: Doc = {"heldUntil": until or now}
-        if reason is not None:
-            fields["lastError"] = reason
-        which = {**(which or {}), **({} if ids is None else {"_id": {"$in": ids}})}
-        if until is None:
-            which.update(due_before(now - self.timings.hold_refresh))
-        held = 0
-        for query, hint in self.due(now):
-            result = self.collection.update_many(
-                {"$and": [query, which]}, {"$set": fields}, hint=hint
-            )
-            held += result.modified_count
-        return held
-
-    def hold_campaigns(self, now: datetime, campaign_ids: list[Any]) -> None:
-        """Hold the due messages of these (paused) campaigns back, as `hold` does for pacing."""
-        if campaign_ids:
-            variants = [v for c in campaign_ids for v in id_variants(c)]
-            self.hold(now, None, which={"campaignId": {"$in": variants}})
-
-    def note_waiting(self, now: datetime, reason: str, ids: list[Any] | None = None) -> None:
-        """Say in lastError why due messages (those of `ids`, or every one) are not sent now."""
-        if ids is not None and not ids:
-            return
-        which: Doc = {"lastError": {"$ne": reason}}
-        if ids is not None:
-            which["_id"] = {"$in": ids}
-        for query, hint in self.due(now):
-            self.collection.update_many(
-                {"$and": [query, which]}, {"$set": {"lastError": reason}}, hint=hint
-            )
 
     # -- one message's life ---------------------------------------------------------------------
 
@@ -284,7 +145,7 @@ class Messages:
                     "wahaMessageId": waha_message_id,
                     "lastError": None,
                 },
-                "$unset": {"leaseUntil": "", "retryAt": "", "inDoubt": "", "heldUntil": ""},
+                "$unset": ENDED,
             },
         )
         return result.modified_count == 1
@@ -295,7 +156,7 @@ class Messages:
             {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
             {
                 "$set": {"status": status, "finishedAt": now, "lastError": reason},
-                "$unset": {"leaseUntil": "", "retryAt": "", "heldUntil": ""},
+                "$unset": {k: v for k, v in ENDED.items() if k != "inDoubt"},
             },
         )
 
@@ -308,11 +169,11 @@ class Messages:
         reason: str | None = None,
         retry_at: datetime | None = None,
         in_doubt: bool = False,
-        held_until: datetime | None = None,
+        unplan: bool = False,
     ) -> int:
-        """Give claims back: they become claimable again (after `retry_at`, when given).
-        `in_doubt`: the last attempt may have reached WhatsApp (it timed out). `held_until`:
-        the poller holds them back until then (see `hold`)."""
+        """Give claims back: they wait in their lanes again, as planned (and not before
+        `retry_at`, when given). `in_doubt`: the last attempt may have reached WhatsApp (it
+        timed out). `unplan`: they wait with no plan (their campaign was paused)."""
         ids = list(message_ids)
         if not ids:
             return 0
@@ -323,11 +184,10 @@ class Messages:
             fields["lastError"] = reason
         if retry_at is not None:
             fields["retryAt"] = retry_at
-        if held_until is not None:
-            fields["heldUntil"] = held_until
+        unset = {"pickedBy": "", "leaseUntil": "", **({"plannedAt": ""} if unplan else {})}
         result = self.collection.update_many(
             {"_id": {"$in": ids}, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
-            {"$set": fields, "$unset": {"pickedBy": "", "leaseUntil": ""}},
+            {"$set": fields, "$unset": unset},
         )
         return result.modified_count
 
@@ -335,10 +195,6 @@ class Messages:
 
     def in_progress(self) -> int:
         return self.collection.count_documents({"status": {"$in": [CLAIMED, SENDING]}})
-
-    def scheduled_later(self, now: datetime) -> int:
-        later = {"isPicked": {"$ne": True}, "scheduledAt": {"$gt": now}, **NOT_DONE}
-        return self.collection.count_documents(later, hint=CLAIM_INDEX)
 
     def outcomes_since(self, since: datetime) -> dict[str, int]:
         """How many messages ended in each final status since `since`."""
@@ -349,23 +205,34 @@ class Messages:
         by_status = {row["_id"]: row["n"] for row in rows}
         return {status: by_status.get(status, 0) for status in FINAL}
 
-    def campaign_stats(self, campaign_id: Any) -> dict[str, int]:
-        """A campaign's messages by outcome; deleted ones do not count."""
+    def campaign_stats(self, campaign_id: Any) -> tuple[dict[str, int], datetime | None]:
+        """A campaign's messages by outcome (deleted ones do not count), and the planned time
+        of its last waiting message: when it should be done."""
         deleted = {"$eq": ["$isDeleted", True]}
-        rows = self.collection.aggregate(
-            [
-                {"$match": {"campaignId": {"$in": id_variants(campaign_id)}}},
-                {
-                    "$group": {
-                        "_id": {"$cond": [deleted, "deleted", {"$ifNull": ["$status", PENDING]}]},
-                        "n": {"$sum": 1},
-                    }
-                },
-            ]
+        rows = list(
+            self.collection.aggregate(
+                [
+                    {"$match": {"campaignId": {"$in": id_variants(campaign_id)}}},
+                    {
+                        "$group": {
+                            "_id": {
+                                "$cond": [deleted, "deleted", {"$ifNull": ["$status", PENDING]}]
+                            },
+                            "n": {"$sum": 1},
+                            "last": {"$max": "$plannedAt"},
+                        }
+                    },
+                ]
+            )
         )
         by_status = {row["_id"]: row["n"] for row in rows}
         total = sum(n for status, n in by_status.items() if status != "deleted")
-        return {
+        planned = [
+            row["last"]
+            for row in rows
+            if row["_id"] not in (*FINAL, "deleted") and isinstance(row["last"], datetime)
+        ]
+        stats = {
             "total": total,
             "sent": by_status.get(SENT, 0),
             # Unknown outcomes count as failed: delivery was never confirmed.
@@ -374,6 +241,7 @@ class Messages:
             "unknown": by_status.get(UNKNOWN, 0),
             "cancelled": by_status.get(CANCELLED, 0),
         }
+        return stats, max(planned, default=None)
 
 
 def campaign_ids(values: Iterable[Any]) -> set[Any]:
@@ -394,18 +262,28 @@ def gone(owner: str, now: datetime, since: datetime) -> Doc:
 
 
 def due_before(time: datetime) -> Doc:
-    """Messages due (from the later of scheduledAt and heldUntil) before `time`."""
+    """Messages due before `time`: planned before it, or (not planned) scheduled before it and
+    not held by the previous version until after it."""
     return {
-        "scheduledAt": {"$lt": time},
-        "$or": [{"heldUntil": {"$not": {"$type": "date"}}}, {"heldUntil": {"$lt": time}}],
+        "$or": [
+            {"plannedAt": {"$lt": time}},
+            {
+                "plannedAt": {"$exists": False},
+                "scheduledAt": {"$lt": time},
+                "heldUntil": {"$not": {"$gte": time}},
+            },
+        ]
     }
 
 
 def _due_from(time: datetime) -> Doc:
-    """Messages due (from the later of scheduledAt and heldUntil) at or after `time`."""
-    return {"$or": [{"scheduledAt": {"$gte": time}}, {"heldUntil": {"$gte": time}}]}
-
-
-def _due_key(doc: Doc) -> tuple[str, str]:
-    scheduled = doc.get("scheduledAt")
-    return (scheduled.isoformat() if isinstance(scheduled, datetime) else "", str(doc["_id"]))
+    """Messages due at or after `time` (the opposite of `due_before`)."""
+    return {
+        "$or": [
+            {"plannedAt": {"$gte": time}},
+            {
+                "plannedAt": {"$exists": False},
+                "$or": [{"scheduledAt": {"$gte": time}}, {"heldUntil": {"$gte": time}}],
+            },
+        ]
+    }

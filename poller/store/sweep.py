@@ -4,6 +4,7 @@ each chunk one read and one write per outcome."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,17 +22,8 @@ from poller.contract import (
     id_variants,
 )
 from poller.store.base import Doc
-from poller.store.messages import (
-    CAMPAIGN_INDEX,
-    CLAIM_INDEX,
-    HELD,
-    HOLD_INDEX,
-    LEASE_INDEX,
-    NOT_DONE,
-    Hint,
-    due_before,
-    gone,
-)
+from poller.store.messages import CAMPAIGN_INDEX, LEASE_INDEX, NOT_DONE, Hint, due_before, gone
+from poller.store.plans import NEW_INDEX, PLAN_INDEX
 from poller.timings import Timings
 
 # The most documents one write settles: a backlog of thousands is settled a chunk at a time,
@@ -70,9 +62,18 @@ class Sweeper:
         self.timings = timings
         self.owner = owner
 
-    def sweep(self, now: datetime, since: datetime, budget: int = SETTLE_CHUNK) -> Settled:
+    def sweep(
+        self,
+        now: datetime,
+        since: datetime,
+        budget: int = SETTLE_CHUNK,
+        lanes: Iterable[str] = (),
+    ) -> Settled:
         """Expire what is too late to send, and settle claims whose poller went away; at most
         `budget` messages (`more` says whether some are left for the next call).
+
+        Too late: a message first seen more than the lookback window after it was due, or one
+        in `lanes` (the lanes that have such messages) planned more than that window ago.
 
         A message that may have reached WhatsApp already (`inDoubt`, or a send in flight that
         cannot be taken over) ends `unknown`, never `expired`: "not sent" would invite a resend.
@@ -81,8 +82,12 @@ class Sweeper:
         window = int(self.timings.lookback.total_seconds())
         cutoff = now - self.timings.lookback
         base = {"isPicked": {"$ne": True}, **NOT_DONE}
-        late = {**base, "scheduledAt": {"$lt": cutoff}, "$expr": {"$not": [HELD]}}
-        late_held = {**base, "heldUntil": {"$lt": cutoff}, "$expr": HELD}
+        late = {
+            **base,
+            "lane": None,
+            "scheduledAt": {"$lt": cutoff},
+            "heldUntil": {"$not": {"$gte": cutoff}},
+        }
         lapsed = {
             "status": CLAIMED,
             "leaseUntil": {"$lt": now},
@@ -90,6 +95,10 @@ class Sweeper:
         }
         too_late = (
             f"Not sent: it was more than {window} s past its scheduled time when the poller "
+            "could send it."
+        )
+        behind = (
+            f"Not sent: it was more than {window} s past its planned time when the poller "
             "could send it."
         )
         abandoned = (
@@ -109,6 +118,7 @@ class Sweeper:
             ],
         }
         undated = {
+            "lane": None,
             "isPicked": {"$ne": True},
             "scheduledAt": {"$not": {"$type": "date"}},
             **NOT_DONE,
@@ -121,12 +131,23 @@ class Sweeper:
             ]
         }
         doubt = (UNKNOWN, DOUBT_REASON)  # an earlier attempt may have reached WhatsApp
+        # Not one the web app moved to later since it was planned: planned again once due.
+        not_moved = {"scheduledAt": {"$not": {"$gt": now}}}
+        stale: list[tuple[Doc, Hint, tuple[str, str | Doc], tuple[str, str] | None]] = [
+            (
+                {**base, "lane": lane, "plannedAt": {"$lt": cutoff}, **not_moved},
+                PLAN_INDEX,
+                (EXPIRED, behind),
+                doubt,
+            )
+            for lane in lanes
+        ]
         for query, hint, sure, in_doubt in (
-            (late, CLAIM_INDEX, (EXPIRED, too_late), doubt),
-            (late_held, HOLD_INDEX, (EXPIRED, too_late), doubt),
+            (late, NEW_INDEX, (EXPIRED, too_late), doubt),
+            *stale,
             (lapsed, LEASE_INDEX, (EXPIRED, abandoned), doubt),
             (in_flight, LEASE_INDEX, (UNKNOWN, UNKNOWN_REASON), None),
-            (undated, CLAIM_INDEX, (FAILED, no_date), None),
+            (undated, NEW_INDEX, (FAILED, no_date), None),
         ):
             self._settle(query, hint, now, settled, budget, sure, in_doubt)
             if settled.more:
@@ -212,7 +233,7 @@ class Sweeper:
                         },
                     }
                 },
-                {"$unset": ["leaseUntil", "retryAt", "heldUntil"]},
+                {"$unset": ["leaseUntil", "retryAt", "heldUntil", "plannedAt"]},
             ],
         )
         return result.modified_count

@@ -1,13 +1,17 @@
-"""Pacing across replicas: one document per WhatsApp session says when it may send next, which
-poller holds its turn, and how many messages it sent on its local day."""
+"""One document per WhatsApp session (a lane): when it may send next and which poller holds its
+turn (pacing across replicas), how many messages it sent on its local day, its plan's next free
+slot, and why it cannot send when it cannot."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
+from poller.plan import Slots
 from poller.store.base import Doc
 from poller.timings import Timings
 
@@ -29,7 +33,7 @@ class Turns:
         """
         if cap is not None and cap <= 0:
             return CAPPED
-        query: Doc = {"_id": session, "nextAt": {"$lte": now}}
+        query: Doc = {"_id": session, "nextAt": {"$not": {"$gt": now}}}
         if cap is not None:
             query["$or"] = [{"day": {"$ne": day}}, {"count": {"$lt": cap}}]
         today = {"$eq": ["$day", day]}
@@ -78,3 +82,39 @@ class Turns:
     def waiting(self, since: datetime) -> dict[str, datetime]:
         """Sessions whose next turn comes after `since`, with when."""
         return {d["_id"]: d["nextAt"] for d in self.collection.find({"nextAt": {"$gt": since}})}
+
+    # -- lanes ----------------------------------------------------------------------------------
+
+    def lanes(self) -> dict[str, Doc]:
+        """Every session's document, by session name, in name order."""
+        return {d["_id"]: d for d in self.collection.find({}).sort("_id", 1)}
+
+    def slots(self, lane: Doc | None, now: datetime, day: str, fresh: bool = False) -> Slots:
+        """Where a lane's plan goes on: its next free slot, with the sends planned on that
+        slot's day; from `now` when that slot passed, or when `fresh` (a new plan): the sends
+        made today then count towards today's cap."""
+        lane = lane or {}
+        at, planned_day = lane.get("tail"), lane.get("planDay")
+        if not fresh and isinstance(at, datetime) and at > now and isinstance(planned_day, str):
+            return Slots(at, planned_day, int(lane.get("planCount") or 0))
+        sent = int(lane.get("count") or 0) if lane.get("day") == day else 0
+        return Slots(now, day, sent)
+
+    def ensure(self, lanes: Iterable[str]) -> None:
+        """Make sure these lanes have their document."""
+        for lane in lanes:
+            self.collection.update_one({"_id": lane}, {"$setOnInsert": {}}, upsert=True)
+
+    def save_slots(self, lane: str, slots: Slots) -> None:
+        self.collection.update_one(
+            {"_id": lane},
+            {"$set": {"tail": slots.at, "planDay": slots.day, "planCount": slots.count}},
+            upsert=True,
+        )
+
+    def block(self, lane: str, reason: str | None) -> None:
+        """Note why the lane cannot send (None: it can again)."""
+        update: dict[str, Any] = (
+            {"$set": {"blocked": reason}} if reason is not None else {"$unset": {"blocked": ""}}
+        )
+        self.collection.update_one({"_id": lane}, update, upsert=reason is not None)

@@ -1,0 +1,49 @@
+"""What every step of one tick works with, and the one reading of a session's daily cap."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from poller.breaker import Breakers
+from poller.contract import show
+from poller.pacing import Pacing
+from poller.store import Store
+from poller.waha import WahaClient
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every step of one tick works with."""
+
+    store: Store
+    waha: WahaClient
+    clock: Callable[[], datetime]
+    stop: threading.Event
+    breakers: Breakers
+    pacing: Pacing
+    # The `dailyCap` of each session document that sets one, read once a tick.
+    caps: dict[str, Any] = field(default_factory=dict)
+
+
+def daily_cap(t: Context, session: str) -> int | str | None:
+    """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
+    A `dailyCap` of 0, or one that is not a whole number, is a reason not to send."""
+    if session not in t.caps:
+        return t.pacing.daily_cap
+    value = t.caps[session]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    where = f"WhatsApp session '{session}' in {t.store.sessions.collection.name}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return value
+        if value == 0:
+            return f"dailyCap of {where} is 0: it sends nothing until it is raised."
+    return (
+        f"dailyCap {show(value)} of {where} is not a whole number: nothing is sent for this "
+        "session until it is fixed."
+    )
