@@ -80,7 +80,7 @@ def tick(
         counts.add_settled(swept)
         campaigns |= campaign_ids(swept.campaigns)
         counts.replanned += lanes.correct(t, clock(), lane_docs, ready, behind)
-        last_claim, cancelling = started, False
+        last_claim, cancelling, asked = started, False, list(ready)
         while not t.stop.is_set() and SERVER not in t.breakers.open(clock()):
             if _quiet(t, counts, lane_docs):
                 break
@@ -89,7 +89,7 @@ def tick(
             campaigns |= campaign_ids(cancelled.campaigns)
             cancelling = cancelled.more
             last_claim = clock()
-            batch = _claim(t, last_claim, started, batch_size, ready, sendable, paused)
+            batch = _claim(t, last_claim, started, batch_size, asked, sendable, paused)
             if not batch:
                 break
             counts.claimed += len(batch)
@@ -119,7 +119,8 @@ def _claim(
 ) -> list[Doc]:
     """Claim up to `limit` messages: claims whose poller went away first (of sessions that can
     send), then each ready lane's due messages in priority order, one a lane when sends are
-    paced (its turn). A lane whose breaker opened during the tick waits."""
+    paced (its turn). A lane whose breaker opened during the tick waits. A lane found with
+    nothing more due is taken out of `ready`: the tick's later rounds do not ask it again."""
     lapsed = t.store.messages.lapsed(now, since, limit)
     names = t.store.sessions.names(lapsed)
     can_send = [
@@ -128,7 +129,7 @@ def _claim(
     batch = t.store.messages.take_over(can_send, now, since)
     busy = set(t.store.turns.waiting(now)) if t.pacing.paced else set()
     broken = t.breakers.open(now)
-    for lane in ready:
+    for lane in list(ready):
         room = limit - len(batch)
         if room <= 0:
             break
@@ -136,8 +137,11 @@ def _claim(
             continue
         if t.pacing.paced:
             room = 1
-        ids = lanes.choose(t, t.store.plans.due(lane, now, room + SKIPPED), now, room, paused)
+        due = t.store.plans.due(lane, now, room + SKIPPED)
+        ids = lanes.choose(t, due, now, room, paused)
         batch += t.store.messages.take(ids, now)
+        if len(due) < room + SKIPPED and len(ids) < room:
+            ready.remove(lane)  # all it had due is in hand
     return batch
 
 

@@ -364,7 +364,7 @@ def test_sessions_type_side_by_side(store: Store, client: WahaClient, waha: Waha
     waha.sessions = {"a": "WORKING", "b": "WORKING", "c": "WORKING"}
     for session in "abc":
         store.messages.collection.insert_one(message(utcnow(), session=session))
-    tick(store, client, 20, pacing=Pacing(typing=True, typing_max=0.5))
+    tick(store, client, 20, pacing=Pacing(typing=True, typing_max=2))
 
     order = [r.path for r in waha.message_requests() if "Typing" in r.path]
     assert order == ["/api/startTyping"] * 3 + ["/api/stopTyping"] * 3
