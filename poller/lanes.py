@@ -126,8 +126,7 @@ def replan(t: Context, lane: str, start: datetime, reason: str | None = None) ->
     urgent ones at `start`, the others one slot each. `reason` goes into their lastError."""
     docs = t.store.plans.waiting(lane)
     cap = _cap(t, lane)
-    lane_doc = t.store.turns.lanes().get(lane)
-    slots = t.store.turns.slots(lane_doc, start, _day(t, start), fresh=True)
+    slots = t.store.turns.slots(t.store.turns.lane(lane), start, _day(t, start), fresh=True)
     times = []
     for doc in docs:
         rank = priority(doc)

@@ -89,6 +89,10 @@ class Turns:
         """Every session's document, by session name, in name order."""
         return {d["_id"]: d for d in self.collection.find({}).sort("_id", 1)}
 
+    def lane(self, name: str) -> Doc | None:
+        """One session's document."""
+        return self.collection.find_one({"_id": name})
+
     def slots(self, lane: Doc | None, now: datetime, day: str, fresh: bool = False) -> Slots:
         """Where a lane's plan goes on: its next free slot, with the sends planned on that
         slot's day; from `now` when that slot passed, or when `fresh` (a new plan): the sends
