@@ -104,25 +104,25 @@ def prepare(doc: Mapping[str, Any], names: Mapping[str, str], where: str) -> Rea
     """Check a message against the data contract: what to send, or why it cannot be sent.
     `names`: session names by session document id (see `session_name`); `where`: the sessions
     collection, for the reason."""
-    text = doc.get("content")
-    media = None
-    if doc.get("media") is not None:
-        found = _media(doc["media"], text)
-        if isinstance(found, str):
-            return found
-        media, text = found, found.caption or ""
-    elif not isinstance(text, str) or not text.strip():
-        return "The message has no text to send (content is empty or missing)."
+    found = content(doc)
+    if isinstance(found, str):
+        return found
+    text, media = found
     chat_id = normalise_chat_id(doc.get("chatId"))
     if chat_id is None:
         return f"chatId {show(doc.get('chatId'))} is not a WhatsApp id or phone number."
-    assert isinstance(text, str)
     session = session_name(doc, names)
-    if session is not None:
-        return Ready(session, chat_id, text, media)
+    if session is None:
+        return no_session(doc, where)
+    return Ready(session, chat_id, text, media)
+
+
+def no_session(doc: Mapping[str, Any], where: str, what: str = "message") -> str:
+    """Why a document (a message, or a recurring schedule's definition: `what`) has no WhatsApp
+    session (`session_name` found none); `where`: the sessions collection."""
     session_id = doc.get("sessionId")
     if session_id is None or session_id == "":
-        return "The message names no WhatsApp session (set session or sessionId)."
+        return f"The {what} names no WhatsApp session (set session or sessionId)."
     if session_ref(doc) is None:
         return f"sessionId {show(session_id)} is not an id (an ObjectId or a string)."
     return (
@@ -130,7 +130,21 @@ def prepare(doc: Mapping[str, Any], names: Mapping[str, str], where: str) -> Rea
     )
 
 
-def _media(raw: object, content: object) -> Media | str:
+def content(doc: Mapping[str, Any], what: str = "message") -> tuple[str, Media | None] | str:
+    """What a document (a message, or a recurring schedule's definition: `what`) sends: its
+    text (the caption, for media) and its media, or why it has nothing that can be sent."""
+    text = doc.get("content")
+    if doc.get("media") is not None:
+        media = _media(doc["media"], text)
+        if isinstance(media, str):
+            return media
+        return media.caption or "", media
+    if not isinstance(text, str) or not text.strip():
+        return f"The {what} has no text to send (content is empty or missing)."
+    return text, None
+
+
+def _media(raw: object, text: object) -> Media | str:
     """WAHA's `file` and caption from a message's `media`, or why it cannot be sent."""
     shape = "{url or data, mimetype, filename, caption}"
     if not isinstance(raw, dict):
@@ -159,7 +173,7 @@ def _media(raw: object, content: object) -> Media | str:
             return f"media.{name} must be text, but it is {show(raw.get(name))}."
     if raw.get("filename"):
         file["filename"] = raw["filename"]
-    caption = raw.get("caption") or (content if isinstance(content, str) else None)
+    caption = raw.get("caption") or (text if isinstance(text, str) else None)
     caption = caption if caption and caption.strip() else None
     return Media(file, caption, file["mimetype"].lower().startswith("image/"))
 

@@ -29,6 +29,9 @@ class TickCounts:
     # Claimed, then given back without a request to WAHA (a stop, a paused session or campaign,
     # another poller's turn): claimable again at once.
     released: int = 0
+    # Occurrences of recurring schedules materialised as a campaign, and missed (no poller ran).
+    occurred: int = 0
+    missed: int = 0
     key_rejected: bool = False
     # sentAt - scheduledAt of each message sent, in seconds (for the lateness metric).
     lateness: list[float] = field(default_factory=list)
@@ -63,5 +66,6 @@ class TickCounts:
             f"claimed={self.claimed} sent={self.sent} retried={self.retried} "
             f"failed={self.failed} expired={self.expired} unknown={self.unknown} "
             f"cancelled={self.cancelled} planned={self.planned} replanned={self.replanned} "
-            f"held={self.held} released={self.released}"
+            f"held={self.held} released={self.released} occurred={self.occurred} "
+            f"missed={self.missed}"
         )

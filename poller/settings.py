@@ -46,6 +46,8 @@ class Settings:
     campaigns_collection: str = "campaigns"
     sessions_collection: str = "whatsappsessions"
     heartbeats_collection: str = "pollerheartbeats"
+    # Recurring schedules (cron rules) the web app writes.
+    definitions_collection: str = "scheduledefinitions"
     # One document per WhatsApp session: when it may send next, how many it sent today.
     pacing_collection: str = "pollerpacing"
     # How often `poller run` writes its heartbeat; three missed beats and it counts as down.
@@ -104,6 +106,7 @@ class Settings:
             campaigns_collection=_name(env, "CAMPAIGNS_COLLECTION", cls.campaigns_collection),
             sessions_collection=_name(env, "SESSIONS_COLLECTION", cls.sessions_collection),
             heartbeats_collection=_name(env, "HEARTBEATS_COLLECTION", cls.heartbeats_collection),
+            definitions_collection=_name(env, "DEFINITIONS_COLLECTION", cls.definitions_collection),
             heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             instance_id=env.get("POLLER_INSTANCE_ID", "").strip() or default_instance_id(),
             health_port=_port(env, "HEALTH_PORT"),

@@ -43,7 +43,8 @@ def check(settings: Settings, instance: str | None = None) -> int:
 
 
 def status(settings: Settings, as_json: bool = False) -> int:
-    """Print live pollers, the backlog, the last 24 hours and running campaigns."""
+    """Print live pollers, the backlog, the last 24 hours, running campaigns and recurring
+    schedules."""
     now = datetime.now(UTC)
     try:
         store = Store.connect(settings)
@@ -63,7 +64,7 @@ def status(settings: Settings, as_json: bool = False) -> int:
 
 def _overview(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
     """Live pollers, the message backlog, each WhatsApp session's lane, the last 24 hours'
-    outcomes, running campaigns."""
+    outcomes, running campaigns, active recurring schedules."""
     return {
         "instances": store.heartbeats.live(now),
         "sessions": _sessions(store, now, pacing),
@@ -74,7 +75,24 @@ def _overview(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
         },
         "last24h": store.messages.outcomes_since(now - timedelta(hours=24)),
         "campaigns": store.campaigns.running(),
+        "schedules": _schedules(store, pacing),
     }
+
+
+def _schedules(store: Store, pacing: Pacing) -> list[dict[str, Any]]:
+    """Active recurring schedules, the next to occur first (those with none last)."""
+    rows = [
+        {
+            "name": d.get("name"),
+            "cron": d.get("cron"),
+            "timezone": d.get("timezone") or pacing.zone.key,
+            "nextOccurrenceAt": d.get("nextOccurrenceAt"),
+            "lastError": d.get("lastError"),
+        }
+        for d in store.definitions.listing()
+    ]
+    never = datetime.max.replace(tzinfo=UTC)
+    return sorted(rows, key=lambda row: row["nextOccurrenceAt"] or never)
 
 
 def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any]]:
@@ -181,6 +199,21 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     if not overview["campaigns"]:
         campaigns.add_row("none", "", "", "", "", "", "", "")
     console.print(campaigns)
+
+    schedules = Table(title="Recurring schedules", title_justify="left")
+    for column in ("schedule", "cron", "time zone", "next occurrence", "problem"):
+        schedules.add_column(column)
+    for row in overview["schedules"]:
+        schedules.add_row(
+            str(row["name"]),
+            str(row["cron"]),
+            str(row["timezone"]),
+            _when(row["nextOccurrenceAt"], now),
+            row["lastError"] or "-",
+        )
+    if not overview["schedules"]:
+        schedules.add_row("none", "", "", "", "")
+    console.print(schedules)
 
 
 def _when(at: Any, now: datetime) -> str:

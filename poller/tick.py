@@ -9,7 +9,7 @@ from typing import Any
 
 from loguru import logger
 
-from poller import lanes
+from poller import lanes, schedules
 from poller.breaker import SERVER, Breakers
 from poller.context import Context
 from poller.contract import session_name
@@ -66,6 +66,10 @@ def tick(
     counts = TickCounts()
     campaigns: set[Any] = set()
     try:
+        occurrences = schedules.materialise(
+            store, clock(), store.timings.tick_interval, t.pacing.zone
+        )
+        counts.occurred, counts.missed = occurrences.created, occurrences.missed
         t.caps.update(store.sessions.daily_caps())
         sendable = _sendable(t, counts)
         paused = lanes.campaign_holds(t, clock())
@@ -99,7 +103,8 @@ def tick(
             if counts.released - released == len(batch):
                 break  # every session's turn is taken by another poller: nothing to do now
         swept = _settle_backlog(t, started, swept, counts, campaigns)
-        counts.next_at = _next_at(t, started, last_claim, swept.more or cancelling, lane_docs)
+        more = swept.more or cancelling
+        counts.next_at = _next_at(t, started, last_claim, more, lane_docs, occurrences.next_at)
     finally:
         # Even after a failure: what was settled before it must show in its campaign. Open
         # campaigns no tick touched are recounted now and then (the web app deletes messages).
@@ -159,17 +164,23 @@ def _settle_backlog(
 
 
 def _next_at(
-    t: Context, started: datetime, last_claim: datetime, more: bool, lane_docs: dict[str, Doc]
+    t: Context,
+    started: datetime,
+    last_claim: datetime,
+    more: bool,
+    lane_docs: dict[str, Doc],
+    occurrence: datetime | None,
 ) -> datetime | None:
     """When to tick again: at once while messages are left to settle (`more`); else when the
     next message comes due after the last claim read (now, if one came due since): a new one,
-    or one planned in a lane; or when a paced session's turn comes that was taken after this
-    tick started (now, if it passed already)."""
+    or one planned in a lane; when a paced session's turn comes that was taken after this
+    tick started (now, if it passed already); or when a recurring schedule's next occurrence
+    is to be materialised (`occurrence`)."""
     if t.stop.is_set():
         return None
     now = t.clock()
     until = now + t.store.timings.tick_interval
-    later = [t.store.plans.next_new(last_claim, until)]
+    later = [t.store.plans.next_new(last_claim, until), occurrence]
     later += [t.store.plans.planned_between(lane, last_claim, until) for lane in lane_docs]
     if more:
         later.append(now)

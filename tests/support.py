@@ -4,9 +4,12 @@ waiting on progress, and the scan of log lines for secrets."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -101,3 +104,20 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+@contextmanager
+def replicas(n: int, env: dict[str, str], folder: Path) -> Iterator[list[int | None]]:
+    """`n` processes of `poller run`, each logging to `folder`/replica-<k>.log; SIGTERM at the
+    end of the block. Yields their exit codes, filled in once they stopped."""
+    codes: list[int | None] = [None] * n
+    logs = [(folder / f"replica-{k}.log").open("w") for k in range(n)]
+    started = [subprocess.Popen([*POLLER, "run"], env=env, cwd=folder, stderr=log) for log in logs]
+    try:
+        yield codes
+    finally:
+        for process in started:
+            process.send_signal(signal.SIGTERM)
+        codes[:] = [process.wait(timeout=60) for process in started]
+        for log in logs:
+            log.close()

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from pymongo.errors import WriteError
-from support import POLLER, environment, message, seconds, utcnow
+from support import POLLER, environment, message, replicas, seconds, utcnow
 
 from poller.daemon import Poller
 from poller.pacing import Pacing
@@ -176,20 +176,10 @@ def test_three_replicas_never_send_for_one_session_closer_than_the_minimum(
     env = environment(
         settings, PACING_MIN_SECONDS="0.4", PACING_MAX_SECONDS="0.6", POLL_INTERVAL_SECONDS="1"
     )
-    logs = [(tmp_path / f"replica-{n}.log").open("w") for n in range(3)]
-    replicas = [
-        subprocess.Popen([*POLLER, "run"], env=env, cwd=tmp_path, stderr=log) for log in logs
-    ]
-    try:
+    with replicas(3, env, tmp_path) as codes:
         deadline = monotonic() + 60
         while len(waha.sent) < 16 and monotonic() < deadline:
             sleep(0.2)
-    finally:
-        for replica in replicas:
-            replica.send_signal(signal.SIGTERM)
-        codes = [replica.wait(timeout=30) for replica in replicas]
-        for log in logs:
-            log.close()
 
     assert codes == [0, 0, 0]
     assert by_status(store) == {"sent": 16} and len(waha.sent) == 16

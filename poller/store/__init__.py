@@ -8,6 +8,7 @@ collection's queries and indexes.
                       plan's next free slot, why it cannot send
     store.campaigns   campaign pause/cancel flags, and their rolled-up stats
     store.sessions    the web app's WhatsApp session documents (names, daily caps)
+    store.definitions the web app's recurring schedules, and when each occurs next
     store.heartbeats  one document per live poller
 """
 
@@ -22,6 +23,7 @@ from pymongo import MongoClient
 from poller.settings import Settings
 from poller.store.base import Doc, create_index
 from poller.store.campaigns import Campaigns
+from poller.store.definitions import Definitions
 from poller.store.heartbeats import Heartbeats
 from poller.store.messages import Messages
 from poller.store.plans import Plans
@@ -47,6 +49,7 @@ class Store:
         self.sweeper = Sweeper(db[settings.messages_collection], self.timings, self.owner)
         self.campaigns = Campaigns(db[settings.campaigns_collection], self.messages, self.sweeper)
         self.sessions = Sessions(db[settings.sessions_collection])
+        self.definitions = Definitions(db[settings.definitions_collection])
         self.heartbeats = Heartbeats(db[settings.heartbeats_collection], self.timings, self.owner)
 
     @classmethod

@@ -10,7 +10,7 @@ from pymongo import ASCENDING
 from pymongo.collection import Collection
 
 from poller.contract import CANCELLED, COMPLETED, PAUSED, id_variants
-from poller.store.base import Doc, create_index
+from poller.store.base import Doc, create_index, insert_once
 from poller.store.messages import Messages
 from poller.store.sweep import SETTLE_CHUNK, Settled, Sweeper
 
@@ -49,6 +49,10 @@ class Campaigns:
         """Note that the campaign's messages are out of the plan (`now`), or back in (None)."""
         update = {"$set": {"heldAt": now}} if now else {"$unset": {"heldAt": ""}}
         self.collection.update_one({"_id": campaign_id}, update)
+
+    def insert(self, campaign: Doc) -> bool:
+        """Write a campaign (a recurring schedule's occurrence) unless its `_id` exists."""
+        return insert_once(self.collection, [campaign]) == 1
 
     def status(self, campaign_id: Any) -> Any:
         """A campaign's status as the web app (or the poller) wrote it; None without one."""

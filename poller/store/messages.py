@@ -29,7 +29,7 @@ from poller.contract import (
     campaign_ref,
     id_variants,
 )
-from poller.store.base import Doc, create_index
+from poller.store.base import Doc, create_index, insert_once
 from poller.timings import Timings
 
 NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
@@ -51,6 +51,13 @@ class Messages:
         """The indexes of the lease sweep and the rollup (`plans` makes those of the plan)."""
         create_index(self.collection, LEASE_INDEX, "poller_lease", sparse=True)
         create_index(self.collection, CAMPAIGN_INDEX, "poller_campaign", sparse=True)
+
+    def insert(self, docs: list[Doc]) -> int:
+        """Write new messages (a recurring schedule's occurrence), each at most once: an `_id`
+        that exists already is left as it is. Returns how many were new."""
+        return sum(
+            insert_once(self.collection, docs[i : i + 1000]) for i in range(0, len(docs), 1000)
+        )
 
     # -- claims ---------------------------------------------------------------------------------
 
