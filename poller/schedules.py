@@ -24,6 +24,7 @@ from loguru import logger
 from poller import cron
 from poller.contract import content, no_session, normalise_chat_id, session_name, show
 from poller.store import Doc, Store
+from poller.store.definitions import NO
 
 # A campaign's status while its occurrence has not come, and when no poller ran at it.
 SCHEDULED, MISSED = "scheduled", "missed"
@@ -52,11 +53,24 @@ class Occurrences:
 def materialise(store: Store, now: datetime, lead: timedelta, zone: ZoneInfo) -> Occurrences:
     """Materialise every active definition's occurrences up to `lead` from now; record those
     more than the lookback window past as missed. `zone`: for definitions without a timezone."""
-    store.definitions.stop(now)
     found = Occurrences()
-    for light in store.definitions.active():
-        _definition(store, light, now, lead, zone, found)
+    for light in store.definitions.light():
+        if light.get("isActive") in NO:
+            _stopped(store, light, now)
+        else:
+            _definition(store, light, now, lead, zone, found)
     return found
+
+
+def _stopped(store: Store, light: Doc, now: datetime) -> None:
+    """A definition the web app switched off: forget its rule and next occurrence, and note
+    since when it is off (once). Switched on, it starts from then, without the occurrences it
+    had while off."""
+    if "appliedRule" in light or "appliedSince" not in light:
+        since = light.get("appliedSince") or now
+        store.definitions.note(
+            light["_id"], {"appliedSince": since}, ("appliedRule", "nextOccurrenceAt")
+        )
 
 
 def _definition(

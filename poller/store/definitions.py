@@ -12,7 +12,7 @@ from poller.store.base import Doc
 # What the web app may write in `isActive` to stop a definition; anything else (or nothing)
 # leaves it active.
 NO = [False, 0, "false"]
-# Each tick reads the active definitions without what only an occurrence needs.
+# Each tick reads every definition without what only an occurrence needs.
 LIGHT = {"targets": 0, "content": 0, "media": 0}
 
 
@@ -20,24 +20,12 @@ class Definitions:
     def __init__(self, collection: Collection[Doc]) -> None:
         self.collection = collection
 
-    def active(self) -> list[Doc]:
-        """Every active definition, without its targets and content (`get` reads those)."""
-        return list(self.collection.find({"isActive": {"$nin": NO}}, LIGHT))
+    def light(self) -> list[Doc]:
+        """Every definition, without its targets and content (`get` reads those)."""
+        return list(self.collection.find({}, LIGHT))
 
     def get(self, definition_id: Any) -> Doc | None:
         return self.collection.find_one({"_id": definition_id})
-
-    def stop(self, now: datetime) -> None:
-        """Forget the rule and next occurrence of each definition the web app switched off, and
-        note when one was first seen switched off: switched on, it starts from then, without
-        the occurrences it had while off."""
-        stopped = {
-            "isActive": {"$in": NO},
-            "$or": [{"appliedRule": {"$exists": True}}, {"appliedSince": {"$exists": False}}],
-        }
-        since = {"appliedSince": {"$ifNull": ["$appliedSince", now]}}
-        unset = ["nextOccurrenceAt", "appliedRule"]
-        self.collection.update_many(stopped, [{"$set": since}, {"$unset": unset}])
 
     def note(self, definition_id: Any, fields: Doc, unset: tuple[str, ...] = ()) -> None:
         update: Doc = {"$set": fields} if fields else {}
