@@ -622,8 +622,9 @@ def test_claims_abandoned_too_long_expire_or_end_unknown_when_in_doubt(
 def test_a_message_that_timed_out_and_then_expired_ends_unknown(
     store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
 ) -> None:
-    settings = make_settings(waha_timeout_seconds=0.5)
-    waha.slow_sessions["default"] = 1.0  # delivered, answered too late
+    # 5 s: the message id must still come back in time on a busy machine; the send may not.
+    settings = make_settings(waha_timeout_seconds=5)
+    waha.slow_sessions["default"] = 10  # delivered, answered too late
     now = utcnow()
     message_id = add(store, scheduled_at=now)
     assert run_tick(store, settings, now=now).retried == 1
@@ -920,9 +921,10 @@ def test_finished_campaign_is_not_rewritten(store: Store, settings: Settings) ->
 def test_a_timed_out_send_is_retried_under_the_same_id_and_delivered_once(
     store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
 ) -> None:
-    settings = make_settings(waha_timeout_seconds=0.5)
+    # 5 s: the message id must still come back in time on a busy machine; the send may not.
+    settings = make_settings(waha_timeout_seconds=5)
     waha.stall_after_send.add("447700900123@c.us")
-    waha.stall = 1.0  # WAHA delivers, then answers after the poller gave up waiting
+    waha.stall = 10  # WAHA delivers, then answers after the poller gave up waiting
     now = utcnow()
     message_id = add(store, scheduled_at=now)
 
@@ -946,10 +948,10 @@ def test_a_timed_out_send_is_retried_under_the_same_id_and_delivered_once(
 def test_without_message_ids_a_timed_out_send_is_unknown_not_resent(
     store: Store, make_settings: Callable[..., Settings], waha: WahaSimulator
 ) -> None:
-    settings = make_settings(waha_timeout_seconds=0.5)
+    settings = make_settings(waha_timeout_seconds=5)  # as above
     waha.message_ids = False  # an older WAHA
     waha.stall_after_send.add("447700900123@c.us")
-    waha.stall = 1.0
+    waha.stall = 10
     now = utcnow()
     message_id = add(store, scheduled_at=now)
 
