@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
@@ -207,6 +209,14 @@ def id_variants(value: Any) -> list[Any]:
     elif isinstance(value, ObjectId):
         variants.append(str(value))
     return variants
+
+
+def derived_id(at: datetime, *parts: str) -> ObjectId:
+    """The same ObjectId for the same parts, in every poller: a document `poller` writes once
+    whoever writes it (MongoDB keeps the first `_id`). Its time part is `at`'s, the rest a
+    hash of the parts."""
+    key = "|".join(parts).encode()
+    return ObjectId(int(at.timestamp()).to_bytes(4, "big") + hashlib.sha256(key).digest()[:8])
 
 
 def campaign_ref(value: object) -> bool:

@@ -20,7 +20,8 @@ from pymongo.errors import PyMongoError
 from poller import __version__, log
 from poller.breaker import Breakers
 from poller.counts import TickCounts
-from poller.metrics import Metrics
+from poller.events import Receiver
+from poller.metrics import EVENTS_PATH, Metrics
 from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
@@ -50,6 +51,7 @@ class Poller:
         self.tick_started: datetime | None = None
         self.last_beat: datetime | None = None
         self.metrics: Metrics | None = None  # run() sets it when HEALTH_PORT is set
+        self.receiver: Receiver | None = None  # and this with EVENTS=webhook
 
     def start(self) -> None:
         """Reach MongoDB and create the indexes; raises PyMongoError when MongoDB is unusable."""
@@ -76,6 +78,8 @@ class Poller:
             )
         finally:
             self.tick_started = None
+        if self.receiver is not None:  # once a tick, however many acks came in
+            self.store.campaigns.count_receipts(self.receiver.drain())
         self.last_tick = (datetime.now(UTC), counts)
         busy = any(v for k, v in counts.totals().items() if k != "key_rejected")
         (logger.info if busy else logger.debug)("tick: {}", counts.summary())
@@ -201,15 +205,27 @@ def run(settings: Settings) -> int:
         if settings.health_port:
             poller.metrics = Metrics()
             address = f"{settings.health_host}:{settings.health_port}"
+            if settings.events == "webhook":
+                poller.receiver = Receiver(
+                    poller.store,
+                    settings.webhook_hmac_key,
+                    settings.webhook_secret,
+                    settings.webhook_max_bytes,
+                    frozenset(settings.optout_keywords),
+                    frozenset(settings.optin_keywords),
+                    settings.optout_reply,
+                )
             try:
                 server = poller.metrics.serve(
-                    settings.health_host, settings.health_port, poller.healthy
+                    settings.health_host, settings.health_port, poller.healthy, poller.receiver
                 )
             except OSError as exc:
                 logger.error("crashed: cannot serve metrics on {}: {}", address, exc)
                 poller.close()
                 return 1
             logger.info("metrics on http://{}/metrics", address)
+            if poller.receiver is not None:
+                logger.info("WAHA events on http://{}{}", address, EVENTS_PATH)
 
         scheduler = BackgroundScheduler(timezone=UTC)
         wakeup = Wakeup(scheduler, "tick")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from poller.counts import TickCounts
+from poller.events import ACKS, Receiver
+
+# Where WAHA posts its events (EVENTS=webhook).
+EVENTS_PATH = "/waha/events"
 
 OUTCOMES = ("sent", "retried", "failed", "expired", "unknown", "cancelled")
 
@@ -49,11 +55,35 @@ class Metrics:
         for late in counts.lateness:
             self.lateness.observe(late)
 
-    def serve(self, host: str, port: int, healthy: Callable[[], bool]) -> WSGIServer:
-        """Serve /metrics and /healthz from a daemon thread; `shutdown()` the result to stop."""
+    def serve(
+        self,
+        host: str,
+        port: int,
+        healthy: Callable[[], bool],
+        receiver: Receiver | None = None,
+    ) -> WSGIServer:
+        """Serve /metrics and /healthz, and WAHA's events at EVENTS_PATH when a `receiver` is
+        given, from a daemon thread; `shutdown()` the result to stop."""
         metrics_app = make_wsgi_app(self.registry)
+        if receiver is not None:
+            self.registry.register(_EventCounts(receiver))
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if receiver is not None and environ.get("PATH_INFO") == EVENTS_PATH:
+                try:
+                    length = int(environ.get("CONTENT_LENGTH") or 0)
+                except ValueError:
+                    length = -1
+                headers = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
+                if length < 0:
+                    answer_status, body = "400 Bad Request", {"error": "bad Content-Length"}
+                else:
+                    answer = receiver.handle(
+                        environ["REQUEST_METHOD"], headers, environ["wsgi.input"].read, length
+                    )
+                    answer_status, body = answer.status, answer.body
+                start_response(answer_status, [("Content-Type", "application/json")])
+                return [json.dumps(body).encode()]
             if environ.get("PATH_INFO") == "/healthz":
                 ok = healthy()
                 start_response(
@@ -67,6 +97,28 @@ class Metrics:
         server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return server
+
+
+class _EventCounts:
+    """poller_acks_total{ack} and poller_optouts_total, read from the receiver at each scrape."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def collect(self) -> Iterable[Metric]:
+        acks = CounterMetricFamily(
+            "poller_acks",
+            "Delivery receipts from WAHA by ack (unknown: no such message).",
+            labels=["ack"],
+        )
+        for label in ACKS:
+            acks.add_metric([label], self.receiver.acks[label])
+        yield acks
+        yield CounterMetricFamily(
+            "poller_optouts",
+            "Chats that opted out (an inbound opt-out keyword).",
+            value=self.receiver.optouts,
+        )
 
 
 class _Quiet(WSGIRequestHandler):

@@ -11,7 +11,6 @@ way: plan, pacing, caps, quiet hours, pause and cancel, rollup.
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +21,14 @@ from bson import ObjectId
 from loguru import logger
 
 from poller import cron
-from poller.contract import content, no_session, normalise_chat_id, session_name, show
+from poller.contract import (
+    content,
+    derived_id,
+    no_session,
+    normalise_chat_id,
+    session_name,
+    show,
+)
 from poller.store import Doc, Store
 from poller.store.definitions import NO
 
@@ -279,8 +285,5 @@ def _name(doc: Doc, at: datetime, zone: ZoneInfo) -> str:
 
 
 def _id(definition_id: Any, at: datetime, *parts: str) -> ObjectId:
-    """The same ObjectId for the same definition, occurrence and target, in every poller: its
-    time part is the occurrence's, the rest a hash."""
-    key = "|".join([str(definition_id), at.isoformat(), *parts]).encode()
-    seconds = int(at.timestamp()).to_bytes(4, "big")
-    return ObjectId(seconds + hashlib.sha256(key).digest()[:8])
+    """The same ObjectId for the same definition, occurrence and target, in every poller."""
+    return derived_id(at, str(definition_id), at.isoformat(), *parts)

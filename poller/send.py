@@ -27,6 +27,7 @@ from poller.contract import (
 from poller.counts import TickCounts
 from poller.plan import cap_reason
 from poller.store import BUSY, CAPPED, Doc, Store
+from poller.store.optouts import OPTED_OUT
 from poller.store.sweep import CANCELLED_DOUBT, CANCELLED_REASON
 from poller.waha import Outcome, Verdict
 
@@ -104,6 +105,11 @@ def _send_one(
         counts.released += messages.release([doc["_id"]], paused[ready.session])
         return
     if _stopped_campaign(t, doc, counts):
+        return
+    if doc.get("optOutReply") is not True and t.store.optouts.has(ready.session, ready.chat_id):
+        messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock())
+        counts.cancelled += 1
+        logger.info("message {} not sent: {} opted out", doc["_id"], ready.chat_id)
         return
     cap = daily_cap(t, ready.session)
     if isinstance(cap, str):

@@ -7,7 +7,7 @@ import re
 import socket
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import time
 from typing import Any
 from urllib.parse import quote, quote_plus, urlsplit
@@ -48,6 +48,19 @@ class Settings:
     heartbeats_collection: str = "pollerheartbeats"
     # Recurring schedules (cron rules) the web app writes.
     definitions_collection: str = "scheduledefinitions"
+    # Chats that opted out of a session (from WAHA's events, or written by the web app).
+    optouts_collection: str = "optouts"
+    # WAHA's events as webhooks on the HEALTH_PORT server: off unless set ("webhook").
+    events: str = ""
+    # How a webhook post proves it comes from WAHA: its HMAC key, or a shared secret header.
+    webhook_hmac_key: str = ""
+    webhook_secret: str = ""
+    webhook_max_bytes: int = 1_000_000
+    # Whole inbound messages (case and spaces ignored) that opt a chat out, and back in.
+    optout_keywords: tuple[str, ...] = ("STOP", "UNSUBSCRIBE")
+    optin_keywords: tuple[str, ...] = ("START",)
+    # Sent once to a chat that just opted out; empty: no reply.
+    optout_reply: str = ""
     # One document per WhatsApp session: when it may send next, how many it sent today.
     pacing_collection: str = "pollerpacing"
     # How often `poller run` writes its heartbeat; three missed beats and it counts as down.
@@ -88,7 +101,8 @@ class Settings:
         db = env.get("MONGODB_DB", "").strip() or (parsed.get("database") or "")
         if not db:
             raise ConfigError("MONGODB_DB is not set and MONGODB_URI names no database")
-        return cls(
+        gaps = _pacing(env, cls.pacing_min_seconds, cls.pacing_max_seconds)
+        settings = cls(
             mongodb_uri=uri,
             mongodb_db=db,
             waha_url=_http_url(env, "WAHA_URL", cls.waha_url),
@@ -116,13 +130,15 @@ class Settings:
                 env, "LOG_LEVEL", cls.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}
             ),
             pacing_collection=_name(env, "PACING_COLLECTION", cls.pacing_collection),
-            **_pacing(env, cls.pacing_min_seconds, cls.pacing_max_seconds),
+            pacing_min_seconds=gaps[0],
+            pacing_max_seconds=gaps[1],
             typing=_flag(env, "TYPING"),
             typing_max_seconds=_number(env, "TYPING_MAX_SECONDS", cls.typing_max_seconds),
             daily_cap=_cap(env, "DAILY_CAP"),
             timezone=_timezone(env, "TIMEZONE", cls.timezone),
             quiet_hours=_quiet_hours(env, "QUIET_HOURS"),
         )
+        return replace(settings, **_events(env))
 
     @property
     def zone(self) -> ZoneInfo:
@@ -131,7 +147,7 @@ class Settings:
     @property
     def secrets(self) -> list[str]:
         """Values that must never be written to a log line."""
-        found = [self.waha_api_key]
+        found = [self.waha_api_key, self.webhook_hmac_key, self.webhook_secret]
         try:
             password = _parse_uri(self.mongodb_uri).get("password") or ""
             found += [password, quote(password, safe=""), quote_plus(password)]
@@ -171,7 +187,7 @@ def _number(env: Mapping[str, str], name: str, default: float, whole: bool = Fal
     return value
 
 
-def _pacing(env: Mapping[str, str], low: float, high: float) -> dict[str, float]:
+def _pacing(env: Mapping[str, str], low: float, high: float) -> tuple[float, float]:
     values = {}
     for name, default in (("PACING_MIN_SECONDS", low), ("PACING_MAX_SECONDS", high)):
         raw = env.get(name, "").strip()
@@ -187,7 +203,7 @@ def _pacing(env: Mapping[str, str], low: float, high: float) -> dict[str, float]
         raise ConfigError(
             f"PACING_MIN_SECONDS ({low:g}) must not be greater than PACING_MAX_SECONDS ({high:g})"
         )
-    return {"pacing_min_seconds": low, "pacing_max_seconds": high}
+    return low, high
 
 
 def _cap(env: Mapping[str, str], name: str) -> int | None:
@@ -268,6 +284,39 @@ def _name(env: Mapping[str, str], name: str, default: str) -> str:
     if "$" in raw or "\0" in raw or raw.startswith("system."):
         raise ConfigError(f"{name} is not a valid collection name: {raw!r}")
     return raw
+
+
+def _events(env: Mapping[str, str]) -> dict[str, Any]:
+    """WAHA's events: EVENTS=webhook needs HEALTH_PORT, and WEBHOOK_HMAC_KEY or
+    WEBHOOK_SECRET (a webhook endpoint never takes unauthenticated posts)."""
+    events = env.get("EVENTS", "").strip().lower()
+    if events not in ("", "webhook"):
+        raise ConfigError(f"EVENTS must be empty or 'webhook', not {events!r}")
+    key = _header_value(env, "WEBHOOK_HMAC_KEY")
+    secret = _header_value(env, "WEBHOOK_SECRET")
+    if events and not (key or secret):
+        raise ConfigError(
+            "EVENTS=webhook needs WEBHOOK_HMAC_KEY (the webhook's hmac.key in WAHA) or "
+            "WEBHOOK_SECRET (sent by WAHA as the X-Poller-Secret custom header): without "
+            "either, anyone could post events"
+        )
+    if events and _port(env, "HEALTH_PORT") is None:
+        raise ConfigError("EVENTS=webhook needs HEALTH_PORT: the webhook is served there")
+    words = {
+        name: tuple(" ".join(w.split()).upper() for w in env[name].split(",") if w.strip())
+        for name in ("OPTOUT_KEYWORDS", "OPTIN_KEYWORDS")
+        if name in env
+    }
+    found: dict[str, Any] = {"events": events, "webhook_hmac_key": key, "webhook_secret": secret}
+    if "OPTOUT_KEYWORDS" in words:
+        found["optout_keywords"] = words["OPTOUT_KEYWORDS"]
+    if "OPTIN_KEYWORDS" in words:
+        found["optin_keywords"] = words["OPTIN_KEYWORDS"]
+    if env.get("OPTOUT_REPLY", "").strip():
+        found["optout_reply"] = env["OPTOUT_REPLY"].strip()
+    if env.get("WEBHOOK_MAX_BYTES", "").strip():
+        found["webhook_max_bytes"] = int(_number(env, "WEBHOOK_MAX_BYTES", 0, whole=True))
+    return found
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

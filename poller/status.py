@@ -73,7 +73,12 @@ def _overview(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
             "inProgress": store.messages.in_progress(),
             "scheduledLater": store.plans.later(now),
         },
-        "last24h": store.messages.outcomes_since(now - timedelta(hours=24)),
+        "last24h": {
+            **store.messages.outcomes_since(now - timedelta(hours=24)),
+            **store.messages.receipts_since(now - timedelta(hours=24)),
+            "optedOut": store.optouts.since(now - timedelta(hours=24)),
+        },
+        "optouts": store.optouts.latest(),
         "campaigns": store.campaigns.running(),
         "schedules": _schedules(store, pacing),
     }
@@ -175,6 +180,9 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         "expired": "expired (24 h)",
         "unknown": "unknown (24 h)",
         "cancelled": "cancelled (24 h)",
+        "delivered": "delivered (24 h)",
+        "read": "read (24 h)",
+        "optedOut": "opted out (24 h)",
     }
     for label in labels.values():
         messages.add_column(label, justify="right")
@@ -199,6 +207,16 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     if not overview["campaigns"]:
         campaigns.add_row("none", "", "", "", "", "", "", "")
     console.print(campaigns)
+
+    if overview["optouts"]:
+        optouts = Table(title="Latest opt-outs", title_justify="left")
+        for column in ("session", "chat", "since"):
+            optouts.add_column(column)
+        for row in overview["optouts"]:
+            optouts.add_row(
+                str(row.get("session")), str(row.get("chatId")), _when(row.get("at"), now)
+            )
+        console.print(optouts)
 
     schedules = Table(title="Recurring schedules", title_justify="left")
     for column in ("schedule", "cron", "time zone", "next occurrence", "problem"):

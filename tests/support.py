@@ -107,12 +107,15 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def replicas(n: int, env: dict[str, str], folder: Path) -> Iterator[list[int | None]]:
-    """`n` processes of `poller run`, each logging to `folder`/replica-<k>.log; SIGTERM at the
-    end of the block. Yields their exit codes, filled in once they stopped."""
-    codes: list[int | None] = [None] * n
-    logs = [(folder / f"replica-{k}.log").open("w") for k in range(n)]
-    started = [subprocess.Popen([*POLLER, "run"], env=env, cwd=folder, stderr=log) for log in logs]
+def replicas(envs: list[dict[str, str]], folder: Path) -> Iterator[list[int | None]]:
+    """A `poller run` process per environment, each logging to `folder`/replica-<k>.log;
+    SIGTERM at the end of the block. Yields their exit codes, filled in once they stopped."""
+    codes: list[int | None] = [None] * len(envs)
+    logs = [(folder / f"replica-{k}.log").open("w") for k in range(len(envs))]
+    started = [
+        subprocess.Popen([*POLLER, "run"], env=env, cwd=folder, stderr=log)
+        for env, log in zip(envs, logs, strict=True)
+    ]
     try:
         yield codes
     finally:

@@ -176,7 +176,7 @@ def test_three_replicas_never_send_for_one_session_closer_than_the_minimum(
     env = environment(
         settings, PACING_MIN_SECONDS="0.4", PACING_MAX_SECONDS="0.6", POLL_INTERVAL_SECONDS="1"
     )
-    with replicas(3, env, tmp_path) as codes:
+    with replicas([env] * 3, tmp_path) as codes:
         deadline = monotonic() + 60
         while len(waha.sent) < 16 and monotonic() < deadline:
             sleep(0.2)

@@ -355,7 +355,7 @@ def test_two_replicas_materialise_each_occurrence_once_on_the_wall_clock(
     def completed() -> int:
         return store.campaigns.collection.count_documents({"status": "completed"})
 
-    with replicas(2, env, tmp_path) as codes:
+    with replicas([env] * 2, tmp_path) as codes:
         wait_until(lambda: completed() >= wanted, 90 + 60 * wanted, "occurrences sent")
 
     assert codes == [0, 0]

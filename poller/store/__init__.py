@@ -9,6 +9,7 @@ collection's queries and indexes.
     store.campaigns   campaign pause/cancel flags, and their rolled-up stats
     store.sessions    the web app's WhatsApp session documents (names, daily caps)
     store.definitions the web app's recurring schedules, and when each occurs next
+    store.optouts     chats that asked a session to stop sending to them
     store.heartbeats  one document per live poller
 """
 
@@ -26,6 +27,7 @@ from poller.store.campaigns import Campaigns
 from poller.store.definitions import Definitions
 from poller.store.heartbeats import Heartbeats
 from poller.store.messages import Messages
+from poller.store.optouts import Optouts
 from poller.store.plans import Plans
 from poller.store.sessions import Sessions
 from poller.store.sweep import Sweeper
@@ -50,6 +52,7 @@ class Store:
         self.campaigns = Campaigns(db[settings.campaigns_collection], self.messages, self.sweeper)
         self.sessions = Sessions(db[settings.sessions_collection])
         self.definitions = Definitions(db[settings.definitions_collection])
+        self.optouts = Optouts(db[settings.optouts_collection])
         self.heartbeats = Heartbeats(db[settings.heartbeats_collection], self.timings, self.owner)
 
     @classmethod
@@ -77,6 +80,7 @@ class Store:
         self.plans.ensure_indexes()
         self.campaigns.ensure_indexes()
         self.heartbeats.ensure_indexes()
+        self.optouts.ensure_indexes()
 
 
 def _uri_sets(uri: str, option: str) -> bool:

@@ -11,7 +11,7 @@ from pymongo.collection import Collection
 
 from poller.contract import CANCELLED, COMPLETED, PAUSED, id_variants
 from poller.store.base import Doc, create_index, insert_once
-from poller.store.messages import Messages
+from poller.store.messages import RECEIPTS, Messages
 from poller.store.sweep import SETTLE_CHUNK, Settled, Sweeper
 
 STATUS_INDEX = [("status", ASCENDING)]
@@ -108,6 +108,17 @@ class Campaigns:
                 self.collection.update_one(
                     {**unfinished, "status": CANCELLED}, {"$set": {"completedAt": now}}
                 )
+
+    def count_receipts(self, campaign_ids: Iterable[Any]) -> None:
+        """Recount the delivery receipts of each campaign (`stats.delivered`, `.read`,
+        `.deliveryFailed`), finished or not: receipts arrive after the sends."""
+        for campaign_id in campaign_ids:
+            stats, _ = self.messages.campaign_stats(campaign_id)
+            fields = {f"stats.{name}": stats[name] for name in RECEIPTS}
+            self.collection.update_one(
+                {"_id": {"$in": id_variants(campaign_id)}, "stats": {"$exists": True}},
+                {"$set": fields},
+            )
 
     def running(self, limit: int = 50) -> list[Doc]:
         """Campaigns with stats that have not finished, for `poller status`."""

@@ -36,6 +36,12 @@ NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 # Key patterns, hinted by pattern so an identical index the web app made under another name serves.
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
+RECEIPT_INDEX = [("wahaMessageId", ASCENDING)]
+# Acks as WAHA numbers them: -1 ERROR, 0 PENDING, 1 SERVER, 2 DEVICE, 3 READ, 4 PLAYED.
+DELIVERED, READ, ACK_ERROR = 2, 3, -1
+# A campaign's counts of its messages' receipts, in `stats`.
+RECEIPTS = ("delivered", "read", "deliveryFailed")
+DELIVERY_ERROR = "WhatsApp reported that it could not deliver the message (ack -1, ERROR)."
 Hint = list[tuple[str, int]]
 # Fields a claim's outcome removes: it no longer waits, nor holds a lease.
 ENDED = {"leaseUntil": "", "retryAt": "", "inDoubt": "", "heldUntil": "", "plannedAt": ""}
@@ -51,12 +57,32 @@ class Messages:
         """The indexes of the lease sweep and the rollup (`plans` makes those of the plan)."""
         create_index(self.collection, LEASE_INDEX, "poller_lease", sparse=True)
         create_index(self.collection, CAMPAIGN_INDEX, "poller_campaign", sparse=True)
+        create_index(self.collection, RECEIPT_INDEX, "poller_receipt", sparse=True)
 
     def insert(self, docs: list[Doc]) -> int:
         """Write new messages (a recurring schedule's occurrence), each at most once: an `_id`
         that exists already is left as it is. Returns how many were new."""
         return sum(
             insert_once(self.collection, docs[i : i + 1000]) for i in range(0, len(docs), 1000)
+        )
+
+    def acknowledge(self, waha_message_id: str, ack: int, at: datetime) -> Doc | None:
+        """Record a delivery receipt on the message WAHA knows as `waha_message_id`: `ack`
+        only ever rises; `deliveredAt` and `readAt` are the first times it reached 2 and 3; an
+        ack of -1 notes `deliveryError` (its status stays `sent`). Any order, any repeat, the
+        same result. The message (its `campaignId`), or None when no message has that id."""
+        fields: Doc = {"ack": {"$max": ["$ack", ack]}}
+        if ack >= DELIVERED:
+            fields["deliveredAt"] = {"$ifNull": ["$deliveredAt", at]}
+        if ack >= READ:
+            fields["readAt"] = {"$ifNull": ["$readAt", at]}
+        if ack == ACK_ERROR:
+            fields["deliveryError"] = {"$ifNull": ["$deliveryError", DELIVERY_ERROR]}
+        return self.collection.find_one_and_update(
+            {"wahaMessageId": waha_message_id},
+            [{"$set": fields}],
+            {"campaignId": 1},
+            hint=RECEIPT_INDEX,
         )
 
     # -- claims ---------------------------------------------------------------------------------
@@ -212,6 +238,13 @@ class Messages:
         by_status = {row["_id"]: row["n"] for row in rows}
         return {status: by_status.get(status, 0) for status in FINAL}
 
+    def receipts_since(self, since: datetime) -> dict[str, int]:
+        """How many messages were delivered, and read, since `since` (their receipts)."""
+        return {
+            "delivered": self.collection.count_documents({"deliveredAt": {"$gte": since}}),
+            "read": self.collection.count_documents({"readAt": {"$gte": since}}),
+        }
+
     def campaign_stats(self, campaign_id: Any) -> tuple[dict[str, int], datetime | None]:
         """A campaign's messages by outcome (deleted ones do not count), and the planned time
         of its last waiting message: when it should be done."""
@@ -227,6 +260,11 @@ class Messages:
                             },
                             "n": {"$sum": 1},
                             "last": {"$max": "$plannedAt"},
+                            "delivered": {"$sum": {"$cond": [{"$gte": ["$ack", DELIVERED]}, 1, 0]}},
+                            "read": {"$sum": {"$cond": [{"$gte": ["$ack", READ]}, 1, 0]}},
+                            "deliveryFailed": {
+                                "$sum": {"$cond": [{"$gt": ["$deliveryError", None]}, 1, 0]}
+                            },
                         }
                     },
                 ]
@@ -248,6 +286,8 @@ class Messages:
             "unknown": by_status.get(UNKNOWN, 0),
             "cancelled": by_status.get(CANCELLED, 0),
         }
+        for receipt in RECEIPTS:
+            stats[receipt] = sum(row[receipt] for row in rows if row["_id"] != "deleted")
         return stats, max(planned, default=None)
 
 

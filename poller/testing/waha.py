@@ -84,6 +84,8 @@ class WahaSimulator:
     raw_answers: dict[str, tuple[int, str, str]] = field(default_factory=dict)
     # GET /api/sessions waits this long before it answers: a hanging WAHA.
     listing_delay: float = 0.0
+    # Called with each message delivered (once per message id), as WAHA would emit its events.
+    on_send: Callable[[SentMessage], None] | None = None
 
     requests: list[Request] = field(default_factory=list)
     sent: list[SentMessage] = field(default_factory=list)
@@ -335,6 +337,8 @@ class WahaSimulator:
                     message_id, str(session), chat_id, text, time.time(), route, file
                 )
                 self.sent.append(message)
+                if self.on_send is not None:
+                    threading.Thread(target=self.on_send, args=(message,), daemon=True).start()
             stall = chat_id in self.stall_after_send
             self.stall_after_send.discard(chat_id)
         if stall:
