@@ -79,7 +79,12 @@ class Poller:
         finally:
             self.tick_started = None
         if self.receiver is not None:  # once a tick, however many acks came in
-            self.store.campaigns.count_receipts(self.receiver.drain())
+            pending = self.receiver.drain()
+            try:
+                self.store.campaigns.count_receipts(pending)
+            except PyMongoError:
+                self.receiver.again(pending)  # counted at the next tick
+                raise
         self.last_tick = (datetime.now(UTC), counts)
         busy = any(v for k, v in counts.totals().items() if k != "key_rejected")
         (logger.info if busy else logger.debug)("tick: {}", counts.summary())

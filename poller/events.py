@@ -144,6 +144,11 @@ class Receiver:
             found, self._campaigns = self._campaigns, set()
         return found
 
+    def again(self, campaigns: set[Any]) -> None:
+        """Campaigns whose recount failed: recounted at the next tick."""
+        with self._lock:
+            self._campaigns |= campaigns
+
 
 def _when(timestamp: object) -> datetime:
     """An event's time (WAHA: Unix milliseconds); now when it has none."""

@@ -21,7 +21,8 @@ from poller.settings import Settings
 API_KEY = "test-key-9f8e7d6c"
 MONGODB_PASSWORD = "pw-Zq81xLm"
 WRONG_KEY = "wrong-key-77x"
-SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key"]
+WEBHOOK_KEY = "hmac-key-5e1c0a"
+SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key", WEBHOOK_KEY]
 
 # The poller command, as the tests start it.
 POLLER = [sys.executable, "-m", "poller"]

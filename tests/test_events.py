@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 from openapi_schema_validator import OAS31Validator
-from support import environment, message, replicas, utcnow, wait_until
+from support import WEBHOOK_KEY, environment, message, replicas, utcnow, wait_until
 
+from poller import status
 from poller.events import Receiver
 from poller.metrics import EVENTS_PATH, Metrics
 from poller.settings import ConfigError, Settings
@@ -26,7 +27,7 @@ from poller.testing.webhooks import Webhook, ack_event, message_event
 from poller.tick import tick
 from poller.waha import WahaClient
 
-HMAC_KEY = "hmac-key-5e1c0a"
+HMAC_KEY = WEBHOOK_KEY
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "waha" / "openapi.json"
 
 
@@ -226,6 +227,25 @@ def test_the_endpoint_takes_signed_posts_only(
     assert httpx.get(url).status_code == 405
     doc = store.messages.collection.find_one({"wahaMessageId": waha_id})
     assert doc is not None and doc["ack"] == 2, "only the signed ack counted"
+    assert signed.post(message_event("447700900001@c.us", "STOP")) == 200
+    metrics = httpx.get(url.replace(EVENTS_PATH, "/metrics")).text
+    assert 'poller_acks_total{ack="2"} 1.0' in metrics and "poller_optouts_total 1.0" in metrics
+
+
+def test_status_shows_receipts_and_optouts(
+    store: Store, settings: Settings, client: WahaClient, waha: WahaSimulator, capsys: Any
+) -> None:
+    send_campaign(store, client, ["447700900001", "447700900002"])
+    events = receiver(store)
+    for waha_id in waha_ids(store):
+        events.apply(ack_event(waha_id, 2))
+    events.apply(ack_event(waha_ids(store)[0], 3))
+    events.apply(message_event("447700900003@c.us", "unsubscribe"))
+    assert status.status(settings, as_json=True) == 0
+    shown = json.loads(capsys.readouterr().out)
+    day = shown["last24h"]
+    assert (day["delivered"], day["read"], day["optedOut"]) == (2, 1, 1)
+    assert [o["chatId"] for o in shown["optouts"]] == ["447700900003@c.us"]
 
 
 def test_a_shared_secret_header_works_instead_of_a_signature(store: Store) -> None:
