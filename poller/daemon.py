@@ -82,9 +82,9 @@ class Poller:
             pending = self.receiver.drain()
             try:
                 self.store.campaigns.count_receipts(pending)
-            except PyMongoError:
-                self.receiver.again(pending)  # counted at the next tick
-                raise
+            except PyMongoError as exc:
+                self.receiver.again(pending)
+                logger.warning("receipts counted at the next tick: {}", exc)
         self.last_tick = (datetime.now(UTC), counts)
         busy = any(v for k, v in counts.totals().items() if k != "key_rejected")
         (logger.info if busy else logger.debug)("tick: {}", counts.summary())
