@@ -21,6 +21,7 @@ from poller.settings import Settings
 from poller.store import Store
 from poller.testing.mongo import MongoDaemon, embedded_mongodb, mongo_daemon
 from poller.testing.waha import Request, WahaSimulator
+from poller.waha import WahaClient
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI = Path(os.environ.get("WAHA_OPENAPI", ROOT.parent / "shared" / "waha" / "openapi.json"))
@@ -194,6 +195,14 @@ def make_settings(mongo_uri: str, db_name: str, waha: WahaSimulator) -> Callable
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[WahaClient]:
+    """A WAHA client for the simulator, as the poller makes one."""
+    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
+    yield waha
+    waha.close()
 
 
 @pytest.fixture

@@ -31,13 +31,6 @@ HMAC_KEY = WEBHOOK_KEY
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "waha" / "openapi.json"
 
 
-@pytest.fixture
-def client(settings: Settings) -> Iterator[WahaClient]:
-    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
-    yield waha
-    waha.close()
-
-
 def receiver(store: Store, **fields: Any) -> Receiver:
     values: dict[str, Any] = {
         "hmac_key": HMAC_KEY,

@@ -9,7 +9,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,6 @@ from poller.testing.waha import WahaSimulator
 from poller.tick import tick
 from poller.timings import Timings
 from poller.waha import WahaClient
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[WahaClient]:
-    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
-    yield waha
-    waha.close()
 
 
 def get(store: Store, message_id: Any) -> dict[str, Any]:

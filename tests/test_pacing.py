@@ -33,13 +33,6 @@ from poller.waha import WahaClient
 ROME = ZoneInfo("Europe/Rome")
 
 
-@pytest.fixture
-def client(settings: Settings) -> Iterator[WahaClient]:
-    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
-    yield waha
-    waha.close()
-
-
 def ticks(
     store: Store, client: WahaClient, pacing: Pacing, start: datetime, end: datetime | None = None
 ) -> list[TickCounts]:

@@ -30,13 +30,6 @@ PACED = Pacing(10, 20)
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[WahaClient]:
-    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
-    yield waha
-    waha.close()
-
-
-@pytest.fixture
 def watched(settings: Settings, store: Store) -> Iterator[tuple[Store, Writes]]:
     """A store whose writes are counted (`store` made the indexes)."""
     writes = Writes()

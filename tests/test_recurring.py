@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,13 +28,6 @@ LONDON = ZoneInfo("Europe/London")
 # Monday 30 November 2026, 09:00 in London (GMT).
 MONDAY_9 = datetime(2026, 11, 30, 9, tzinfo=UTC)
 TARGETS = ["447700900001", "120363000000000001@g.us", "+44 7700 900001", "447700900002@c.us"]
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[WahaClient]:
-    waha = WahaClient(settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds)
-    yield waha
-    waha.close()
 
 
 def define(store: Store, **fields: Any) -> Any:
