@@ -602,6 +602,9 @@ def test_a_cancelled_campaign_ends_its_unsent_messages_cancelled(
         "expired": 0,
         "unknown": 1,
         "cancelled": 5,
+        "delivered": 0,
+        "read": 0,
+        "deliveryFailed": 0,
     }
 
 

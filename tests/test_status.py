@@ -131,6 +131,9 @@ def test_status(
         "expired": 1,
         "unknown": 0,
         "cancelled": 0,
+        "delivered": 0,
+        "read": 0,
+        "optedOut": 0,
     }
     [running] = overview["campaigns"]
     assert running["name"] == "Black Friday" and running["stats"]["total"] == 3

@@ -852,6 +852,9 @@ def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) 
         "expired": 0,
         "unknown": 0,
         "cancelled": 0,
+        "delivered": 0,
+        "read": 0,
+        "deliveryFailed": 0,
     }
 
     run_tick(store, settings, now=now + seconds(60))
@@ -865,6 +868,9 @@ def test_campaign_rollup(store: Store, settings: Settings, waha: WahaSimulator) 
         "expired": 0,
         "unknown": 0,
         "cancelled": 0,
+        "delivered": 0,
+        "read": 0,
+        "deliveryFailed": 0,
     }
 
 
@@ -889,6 +895,9 @@ def test_campaign_with_failures(store: Store, settings: Settings, waha: WahaSimu
         "expired": 1,
         "unknown": 0,
         "cancelled": 0,
+        "delivered": 0,
+        "read": 0,
+        "deliveryFailed": 0,
     }
 
 
