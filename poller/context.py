@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,14 +30,22 @@ class Context:
 
 
 def daily_cap(t: Context, session: str) -> int | str | None:
-    """The session's daily cap: its document's `dailyCap`, else DAILY_CAP (None: no cap).
-    A `dailyCap` of 0, or one that is not a whole number, is a reason not to send."""
-    if session not in t.caps:
-        return t.pacing.daily_cap
-    value = t.caps[session]
+    """The session's daily cap in this tick (see `session_cap`)."""
+    return session_cap(t.caps, session, t.pacing.daily_cap, t.store.sessions.collection.name)
+
+
+def session_cap(
+    caps: Mapping[str, Any], session: str, default: int | None, where: str
+) -> int | str | None:
+    """The session's daily cap: its document's `dailyCap` (`caps`, by session name), else
+    DAILY_CAP (`default`; None: no cap). A `dailyCap` of 0, or one that is not a whole number,
+    is a reason not to send. `where`: the sessions collection, for the reason."""
+    if session not in caps:
+        return default
+    value = caps[session]
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    where = f"WhatsApp session '{session}' in {t.store.sessions.collection.name}"
+    where = f"WhatsApp session '{session}' in {where}"
     if isinstance(value, int) and not isinstance(value, bool):
         if value > 0:
             return value

@@ -11,6 +11,7 @@ from pymongo.errors import PyMongoError
 from rich.console import Console
 from rich.table import Table
 
+from poller.context import session_cap
 from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
@@ -107,12 +108,12 @@ def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any
     today = pacing.day(now).isoformat()
     rows = []
     for name, lane in sorted(store.turns.lanes().items()):
-        cap = caps.get(name, pacing.daily_cap)
+        cap = session_cap(caps, name, pacing.daily_cap, store.sessions.collection.name)
         sent_today = int(lane.get("count") or 0) if lane.get("day") == today else 0
         waiting = store.plans.count(name)
         next_at = store.plans.first(name)
         quiet = pacing.quiet_until(now)
-        why = lane.get("blocked")
+        why = lane.get("blocked") or (cap if isinstance(cap, str) else None)
         if why is None and quiet is not None and waiting:
             why = f"quiet hours ({pacing.describe_quiet()}) until {quiet.isoformat()}"
         elif why is None and isinstance(cap, int) and sent_today >= cap and waiting:
@@ -123,7 +124,7 @@ def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any
                 "waiting": waiting,
                 "nextPlannedAt": next_at,
                 "sentToday": sent_today,
-                "dailyCap": cap,
+                "dailyCap": None if isinstance(cap, str) else cap,
                 "notSending": why,
             }
         )

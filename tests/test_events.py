@@ -4,7 +4,6 @@ honoured, and a webhook endpoint that takes only authentic posts."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +21,7 @@ from poller.metrics import EVENTS_PATH, Metrics
 from poller.settings import ConfigError, Settings
 from poller.store import Store
 from poller.store.optouts import OPTED_OUT
+from poller.testing.mongo import free_port
 from poller.testing.waha import SentMessage, WahaSimulator
 from poller.testing.webhooks import Webhook, ack_event, message_event
 from poller.tick import tick
@@ -47,9 +47,7 @@ def receiver(store: Store, **fields: Any) -> Receiver:
 def served(store: Store) -> Iterator[tuple[Receiver, str]]:
     """A receiver behind the metrics server, and the URL WAHA posts to."""
     events = receiver(store)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = Metrics().serve("127.0.0.1", port, lambda: True, events)
     yield events, f"http://127.0.0.1:{port}{EVENTS_PATH}"
     server.shutdown()
@@ -254,9 +252,7 @@ def test_a_post_made_while_the_poller_was_down_arrives_when_it_is_back(
 ) -> None:
     send_campaign(store, client, ["447700900001"])
     (waha_id,) = waha_ids(store)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     webhook = Webhook(f"http://127.0.0.1:{port}{EVENTS_PATH}", HMAC_KEY, attempts=300, delay=0.1)
     posting = threading.Thread(target=webhook.post, args=(ack_event(waha_id, 3),))
     posting.start()
@@ -317,11 +313,7 @@ def test_two_replicas_build_receipts_and_honour_an_optout(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
     """WAHA with one webhook per replica: every event reaches both; each is applied once."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
+    ports = [free_port(), free_port()]
     hooks = [Webhook(f"http://127.0.0.1:{p}{EVENTS_PATH}", HMAC_KEY, attempts=50) for p in ports]
 
     def acks(sent: SentMessage) -> None:

@@ -23,6 +23,7 @@ from poller.daemon import Poller
 from poller.metrics import Metrics
 from poller.settings import Settings
 from poller.store import Store
+from poller.testing.mongo import free_port
 from poller.testing.waha import WahaSimulator
 
 
@@ -223,12 +224,6 @@ def test_run_writes_a_heartbeat_and_removes_it_on_stop(
     assert gone.returncode == 1 and "no live heartbeat" in gone.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_metrics_and_healthz(
     settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
 ) -> None:
@@ -294,3 +289,13 @@ def test_healthz_answers_what_health_says(healthy: bool) -> None:
     assert answer.status_code == (200 if healthy else 503)
     assert answer.json() == {"status": "ok" if healthy else "down"}
     assert 'poller_messages_total{outcome="sent"} 0.0' in metrics.text
+
+
+def test_status_reads_a_sessions_daily_cap_as_the_tick_does(
+    settings: Settings, store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.sessions.collection.insert_one({"name": "default", "dailyCap": "ten"})
+    store.turns.ensure(["default"])
+    assert status.status(settings, as_json=True) == 0
+    (row,) = json.loads(capsys.readouterr().out)["sessions"]
+    assert row["dailyCap"] is None and "is not a whole number" in row["notSending"]

@@ -48,7 +48,7 @@ class MongoDaemon:
         self.command = [str(binary), "--storage-path", str(folder), "--enable-test-commands"]
         # Every commit reaches the disk, as journaled majority writes do on mongod: a killed
         # server keeps what it acknowledged.
-        self.command += ["--sync-on-commit", "--log-level", "WARNING", "--port", str(_free_port())]
+        self.command += ["--sync-on-commit", "--log-level", "WARNING", "--port", str(free_port())]
         self.uri = f"mongodb://127.0.0.1:{self.command[-1]}/?directConnection=true"
         if tls:
             self.command += ["--tls-cert-file", str(tls[0]), "--tls-key-file", str(tls[1])]
@@ -102,7 +102,8 @@ def mongo_daemon(tls: tuple[Path, Path] | None = None) -> Iterator[MongoDaemon]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
