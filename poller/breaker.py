@@ -1,4 +1,5 @@
-"""Circuit breakers for WAHA: one per WhatsApp session, and one (`SERVER`) for the whole server.
+"""Circuit breakers for WAHA: one per WhatsApp session (keyed by its name), and one per WAHA
+server (keyed by `servers.server_key`).
 
 A breaker opens at once when WAHA says the session (or the server) cannot send: a refused API
 key, an unreachable server, a session that is not started or not WORKING. It opens after
@@ -14,8 +15,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-SERVER = "*"  # the key of the whole WAHA server's breaker
 
 
 @dataclass

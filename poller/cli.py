@@ -19,6 +19,8 @@ configuration (environment variables, or a .env file in the working directory):
   MONGODB_URI            required; the database name in its path, or MONGODB_DB
   WAHA_URL               WAHA base URL (default http://localhost:3000)
   WAHA_API_KEY           sent as X-Api-Key
+  WAHA_SERVERS           several WAHA servers by name (eu1,eu2), each with
+                         WAHA_<NAME>_URL and WAHA_<NAME>_API_KEY
   POLL_INTERVAL_SECONDS  seconds between ticks (default 30)
   LOOKBACK_SECONDS       how late a message may be when first seen (default 120)
   LOG_JSON=1             JSON log lines

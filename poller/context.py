@@ -11,8 +11,8 @@ from typing import Any
 from poller.breaker import Breakers
 from poller.contract import show
 from poller.pacing import Pacing
+from poller.servers import Routes, Servers
 from poller.store import Store
-from poller.waha import WahaClient
 
 
 @dataclass(frozen=True)
@@ -20,13 +20,15 @@ class Context:
     """What every step of one tick works with."""
 
     store: Store
-    waha: WahaClient
+    servers: Servers
     clock: Callable[[], datetime]
     stop: threading.Event
     breakers: Breakers
     pacing: Pacing
     # The `dailyCap` of each session document that sets one, read once a tick.
     caps: dict[str, Any] = field(default_factory=dict)
+    # Which WAHA server each session sends through in this tick.
+    routes: Routes = field(default_factory=Routes)
 
 
 def daily_cap(t: Context, session: str) -> int | str | None:

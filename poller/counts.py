@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any
 
 from poller.store.sweep import Settled
 
-_NOT_COUNTS = ("lateness", "next_at", "sessions")
+_NOT_COUNTS = ("lateness", "next_at", "servers", "by_server")
 
 
 @dataclass
@@ -38,8 +39,11 @@ class TickCounts:
     # When there is something to send next: the next message's scheduled time, or a paced
     # session's next turn. `poller run` ticks again then.
     next_at: datetime | None = None
-    # Each WAHA session's name and status, as WAHA listed them this tick (None: not listed).
-    sessions: list[dict[str, str]] | None = None
+    # Each WAHA server as this tick found it (`servers._state`): reachable, key, breaker, and
+    # its sessions' names and statuses (None: not listed).
+    servers: list[dict[str, Any]] = field(default_factory=list)
+    # Server -> outcome (sent, retried, failed, unknown) -> how many sends it answered so.
+    by_server: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def totals(self) -> dict[str, int | bool]:
         """The counts alone, as written to the heartbeat and returned by run_once()."""
@@ -53,6 +57,14 @@ class TickCounts:
             else:
                 setattr(self, name, getattr(self, name) + value)
         self.lateness.extend(other.lateness)
+        for server, outcomes in other.by_server.items():
+            for outcome, n in outcomes.items():
+                self.count_send(server, outcome, n)
+
+    def count_send(self, server: str, outcome: str, n: int = 1) -> None:
+        """Count an answer of WAHA `server` to a send."""
+        outcomes = self.by_server.setdefault(server, {})
+        outcomes[outcome] = outcomes.get(outcome, 0) + n
 
     def add_settled(self, settled: Settled) -> None:
         """Count what a sweep or a cancellation ended."""

@@ -23,10 +23,10 @@ from poller.counts import TickCounts
 from poller.events import Receiver
 from poller.metrics import EVENTS_PATH, Metrics
 from poller.pacing import Pacing
+from poller.servers import Servers
 from poller.settings import Settings
 from poller.store import Store
 from poller.tick import tick
-from poller.waha import WahaClient
 from poller.watch import Watcher
 
 # Early ticks start at least this long after the previous tick started: messages due a few
@@ -40,9 +40,7 @@ class Poller:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store.connect(settings)
-        self.waha = WahaClient(
-            settings.waha_url, settings.waha_api_key, settings.waha_timeout_seconds
-        )
+        self.servers = Servers.from_settings(settings)
         # WAHA's failures carry over from one tick to the next, for this process's lifetime.
         self.breakers = Breakers(self.store.timings.retry)
         self.pacing = Pacing.from_settings(settings)
@@ -61,7 +59,10 @@ class Poller:
             __version__,
             self.store.owner,
             self.settings.mongodb_db,
-            self.settings.waha_url,
+            ", ".join(
+                f"{s.name} {s.url}" if self.settings.waha_servers else s.url
+                for s in self.settings.servers
+            ),
         )
 
     def tick(self, stop: threading.Event | None = None) -> TickCounts:
@@ -70,7 +71,7 @@ class Poller:
         try:
             counts = tick(
                 self.store,
-                self.waha,
+                self.servers,
                 self.settings.batch_size,
                 stop=stop,
                 breakers=self.breakers,
@@ -127,8 +128,10 @@ class Poller:
                 "startedAt": self.started_at,
                 "lastTickAt": last_at,
                 "lastTick": last_counts.totals() if last_counts else None,
-                # None when the last tick could not list them: nothing can be sent.
-                "wahaSessions": last_counts.sessions if last_counts else None,
+                # Each WAHA server: reachable, key accepted, breaker, its sessions.
+                "wahaServers": last_counts.servers if last_counts else None,
+                # Every server's sessions in one list (None when none could be listed).
+                "wahaSessions": _sessions(last_counts.servers) if last_counts else None,
                 "tickRunningSince": self.tick_started,
             },
             now,
@@ -151,8 +154,13 @@ class Poller:
         return beating and self.ticking(now)
 
     def close(self) -> None:
-        self.waha.close()
+        self.servers.close()
         self.store.close()
+
+
+def _sessions(servers: list[dict[str, Any]]) -> list[dict[str, str]] | None:
+    listed = [s["sessions"] for s in servers if s["sessions"] is not None]
+    return [session for sessions in listed for session in sessions] if listed else None
 
 
 def once(settings: Settings) -> int:

@@ -15,11 +15,11 @@ from typing import Any
 
 from loguru import logger
 
-from poller.breaker import SERVER
 from poller.context import Context, daily_cap
 from poller.contract import FAILED, YES, session_name, show
 from poller.counts import TickCounts
 from poller.plan import Slots, allowed
+from poller.servers import server_key
 from poller.store import Doc
 from poller.store.plans import ADOPT_CHUNK, due_time
 
@@ -219,40 +219,31 @@ def choose(t: Context, docs: list[Doc], now: datetime, room: int, paused: set[st
     return chosen
 
 
-def why_not(t: Context, lane: str, sendable: dict[str, str | None] | None) -> str | None:
+def why_not(t: Context, lane: str) -> str | None:
     """Why a lane cannot send now, or None when it can (or it names no session: sending its
     messages fails them with a reason)."""
     if not lane:
         return None
     blocked = t.breakers.open(t.clock())
-    if SERVER in blocked:
-        return blocked[SERVER]
+    server = t.routes.server_of(lane)
+    if server is not None and server_key(server) in blocked:  # it opened during this tick
+        return blocked[server_key(server)]
     if lane in blocked:
         return blocked[lane]
     cap = daily_cap(t, lane)
     if isinstance(cap, str):
         return cap
-    if sendable is None:
-        return None
-    if lane not in sendable:
-        listed = ", ".join(sorted(sendable)) or "none"
-        return (
-            f"Waiting: WAHA has no WhatsApp session '{lane}' (its sessions: {listed}). "
-            "Create or rename the session on WAHA, or fix the message's session."
-        )
-    return sendable[lane]
+    return t.routes.why_not(lane)
 
 
-def mark_blocked(
-    t: Context, lane_docs: dict[str, Doc], sendable: dict[str, str | None] | None
-) -> list[str]:
+def mark_blocked(t: Context, lane_docs: dict[str, Doc]) -> list[str]:
     """Note which lanes cannot send and why, in the lane and in its messages' lastError, once
     per reason; the lanes that can send. A lane that cannot send is not planned again: its
     messages expire once more than the lookback window past their planned time, as any
     message does that WAHA or its session could not take in time."""
     ready = []
     for lane, doc in lane_docs.items():
-        reason = why_not(t, lane, sendable)
+        reason = why_not(t, lane)
         was = doc.get("blocked")
         if reason is None:
             ready.append(lane)

@@ -40,6 +40,31 @@ class Metrics:
             "Messages due and not yet sent, at the end of the last tick (-1: not counted).",
             registry=self.registry,
         )
+        # Per WAHA server: each send's answer, whether it was up, its breaker, its sessions.
+        self.sends = Counter(
+            "poller_waha_sends",
+            "Answers of each WAHA server to sends: sent, retry, failed, unknown, rejected_key.",
+            ["server", "outcome"],
+            registry=self.registry,
+        )
+        self.server_up = Gauge(
+            "poller_waha_up",
+            "1 when the WAHA server listed its sessions in the last tick, else 0.",
+            ["server"],
+            registry=self.registry,
+        )
+        self.breaker_open = Gauge(
+            "poller_waha_breaker_open",
+            "1 while the WAHA server's breaker is open (nothing is sent through it).",
+            ["server"],
+            registry=self.registry,
+        )
+        self.sessions_working = Gauge(
+            "poller_waha_sessions_working",
+            "WhatsApp sessions WORKING on the WAHA server, as it last listed them.",
+            ["server"],
+            registry=self.registry,
+        )
         self.lateness = Histogram(
             "poller_send_lateness_seconds",
             "sentAt - scheduledAt of each message sent.",
@@ -54,6 +79,16 @@ class Metrics:
         self.due.set(due)
         for late in counts.lateness:
             self.lateness.observe(late)
+        for server, outcomes in counts.by_server.items():
+            for outcome, n in outcomes.items():
+                self.sends.labels(server, outcome).inc(n)
+        for state in counts.servers:
+            name, sessions = state["name"], state["sessions"]
+            self.server_up.labels(name).set(1 if sessions is not None else 0)
+            self.breaker_open.labels(name).set(1 if state["breaker"] == "open" else 0)
+            if sessions is not None:
+                working = sum(1 for s in sessions if s["status"] == "WORKING")
+                self.sessions_working.labels(name).set(working)
 
     def serve(
         self,

@@ -11,7 +11,6 @@ from loguru import logger
 from pymongo.errors import PyMongoError, WriteError
 
 from poller import lanes
-from poller.breaker import SERVER, Breakers
 from poller.context import Context, daily_cap
 from poller.contract import (
     CANCELLED,
@@ -26,10 +25,11 @@ from poller.contract import (
 )
 from poller.counts import TickCounts
 from poller.plan import cap_reason
+from poller.servers import named, server_key
 from poller.store import BUSY, CAPPED, Doc, Store
 from poller.store.optouts import OPTED_OUT
 from poller.store.sweep import CANCELLED_DOUBT, CANCELLED_REASON
-from poller.waha import Outcome, Verdict
+from poller.waha import Outcome, Verdict, WahaClient
 
 # Sessions sent for side by side in one tick; more wait for the next round.
 MAX_PARALLEL_SESSIONS = 32
@@ -79,8 +79,10 @@ def _send_batch(
             logger.info("released {} claimed message(s) not yet started", len(rest))
             return
         paused = t.breakers.open(t.clock())
-        if SERVER in paused:
-            counts.released += messages.release(rest, paused[SERVER])
+        server = t.routes.server_of(session_name(doc, names) or "")
+        if server is not None and server_key(server) in paused:  # one session, one server
+            reason = paused[server_key(server)]
+            counts.released += messages.release(rest, reason)
             return
         if t.clock() > lease_until - lease / 2:
             lease_until = t.clock() + lease
@@ -106,6 +108,13 @@ def _send_one(
         return
     if _stopped_campaign(t, doc, counts):
         return
+    server = t.routes.server_of(ready.session)
+    if server is None:  # claimed as taken over, or its server's listing was not known
+        reason = t.routes.why_not(ready.session)
+        counts.released += messages.release([doc["_id"]], reason, t.clock() + t.store.timings.retry)
+        return
+    if _moved_in_doubt(t, doc, ready, server, counts):
+        return
     if doc.get("optOutReply") is not True and t.store.optouts.has(ready.session, ready.chat_id):
         messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock())
         counts.cancelled += 1
@@ -130,13 +139,31 @@ def _send_one(
             return
         turn = _Turn(ready.session, now)
     try:
-        _deliver(t, doc, ready, turn, counts)
+        _deliver(t, doc, ready, _Via(server, t.servers.clients[server]), turn, counts)
     finally:
         if turn is not None:  # even after an error: a request that went out is paced
             # The plan spaces the sends at random; the turn keeps at least the shortest gap
             # between two of them, whatever the plan (a lane catching up, replicas).
             gap = timedelta(seconds=t.pacing.gap_min) if turn.sent else timedelta()
             t.store.turns.end(turn.session, t.clock() + gap, turn.sent)
+
+
+def _moved_in_doubt(t: Context, doc: Doc, ready: Ready, server: str, counts: TickCounts) -> bool:
+    """A send that may have reached WhatsApp through one server is retried through that server
+    only, under its message id: WAHA delivers an id once, but each server only knows its own.
+    When the session has moved to another server, the message ends `unknown` instead."""
+    before = doc.get("wahaServer", t.servers.sole)  # not recorded: sent with one server only
+    if doc.get("inDoubt") is not True or before == server:
+        return False
+    reason = (
+        f"The last attempt through WAHA server '{before}' may have reached WhatsApp, and "
+        f"session '{ready.session}' is now on WAHA server '{server}': it was not sent again, "
+        "so as not to deliver it twice. Check the chat before resending."
+    )
+    t.store.messages.finish(doc["_id"], UNKNOWN, reason, t.clock())
+    counts.unknown += 1
+    logger.warning("message {} outcome unknown: {}", doc["_id"], reason)
+    return True
 
 
 def _stopped_campaign(t: Context, doc: Doc, counts: TickCounts) -> bool:
@@ -168,6 +195,14 @@ def _hold_capped(t: Context, doc: Doc, session: str, cap: int, counts: TickCount
     logger.info("session '{}' reached its daily cap of {}: held until {}", session, cap, until)
 
 
+@dataclass(frozen=True)
+class _Via:
+    """The WAHA server a message goes through."""
+
+    name: str
+    waha: WahaClient
+
+
 @dataclass
 class _Turn:
     """The session's turn to send, which this poller holds in the pacing collection."""
@@ -182,9 +217,11 @@ class _Turn:
         return t.clock() + timings.fence_hold <= self.taken + timings.turn_hold
 
 
-def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: TickCounts) -> None:
-    """Send one claimed message and record the outcome."""
-    messages, waha = t.store.messages, t.waha
+def _deliver(
+    t: Context, doc: Doc, ready: Ready, via: _Via, turn: _Turn | None, counts: TickCounts
+) -> None:
+    """Send one claimed message through the WAHA server `via`, and record the outcome."""
+    messages, waha = t.store.messages, via.waha
     send_id = None
     if ready.media is None:
         # One WAHA message id per message, kept across retries: WAHA delivers an id only once.
@@ -192,13 +229,13 @@ def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: Tic
         if not send_id:
             got = waha.new_message_id(ready.session)
             if isinstance(got, Outcome):
-                _record(t, doc, ready, got, counts)
+                _record(t, doc, ready, via.name, got, counts)
                 return
             send_id = got
     if t.pacing.typing:
-        refused = _type(t, ready)
+        refused = _type(t, ready, waha)
         if isinstance(refused, Outcome):  # the session cannot send now: nor can it type
-            _record(t, doc, ready, refused, counts)
+            _record(t, doc, ready, via.name, refused, counts)
             return
         if refused:
             counts.released += messages.release([doc["_id"]])  # stopped while "typing"
@@ -209,7 +246,7 @@ def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: Tic
         counts.released += messages.release([doc["_id"]])  # too slow: another poller has it
         logger.warning("message {}: the turn of session '{}' lapsed", doc["_id"], turn.session)
         return
-    if not messages.start_sending(doc["_id"], t.clock(), send_id):
+    if not messages.start_sending(doc["_id"], t.clock(), via.name, send_id):
         counts.released += messages.release([doc["_id"]])
         logger.warning(
             "message {} was deleted, cancelled or taken over meanwhile; skipped", doc["_id"]
@@ -235,10 +272,10 @@ def _deliver(t: Context, doc: Doc, ready: Ready, turn: _Turn | None, counts: Tic
             f"{outcome.reason}. WhatsApp may have the message, and {why}, so it was not sent "
             "again: check the chat before resending.",
         )
-    _record(t, doc, ready, outcome, counts)
+    _record(t, doc, ready, via.name, outcome, counts)
 
 
-def _type(t: Context, ready: Ready) -> Outcome | bool:
+def _type(t: Context, ready: Ready, waha: WahaClient) -> Outcome | bool:
     """Mark the chat seen and show "typing..." for a while, as a person would before sending.
 
     True when the poller was told to stop during the pause. WAHA's answer when the session
@@ -246,14 +283,14 @@ def _type(t: Context, ready: Ready) -> Outcome | bool:
     chat actions) only skips the typing.
     """
     for path in ("/api/sendSeen", "/api/startTyping"):
-        outcome = t.waha.chat_action(path, ready.session, ready.chat_id)
+        outcome = waha.chat_action(path, ready.session, ready.chat_id)
         if outcome.verdict in (Verdict.RETRY, Verdict.REJECTED_KEY):
             return outcome
         if outcome.verdict is not Verdict.SENT:
             logger.debug("no typing for {}: {} failed: {}", ready.chat_id, path, outcome.reason)
             return False
     stopped = t.stop.wait(t.pacing.typing_pause(ready.text))
-    t.waha.chat_action("/api/stopTyping", ready.session, ready.chat_id)
+    waha.chat_action("/api/stopTyping", ready.session, ready.chat_id)
     return stopped
 
 
@@ -274,8 +311,11 @@ def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: 
     logger.error("message {} {}: {}", doc["_id"], status, reason)
 
 
-def _record(t: Context, doc: Doc, ready: Ready, outcome: Outcome, counts: TickCounts) -> None:
+def _record(
+    t: Context, doc: Doc, ready: Ready, server: str, outcome: Outcome, counts: TickCounts
+) -> None:
     messages, now, message_id = t.store.messages, t.clock(), doc["_id"]
+    counts.count_send(server, outcome.verdict.value)
     if outcome.verdict is Verdict.SENT:
         if not messages.mark_sent(message_id, outcome.message_id, now):
             logger.error(
@@ -298,13 +338,13 @@ def _record(t: Context, doc: Doc, ready: Ready, outcome: Outcome, counts: TickCo
         # Not the message's fault: give it back untouched.
         messages.release([message_id], outcome.reason)
         counts.released += 1
-        counts.key_rejected = True
+        counts.key_rejected = t.servers.sole is not None  # of several, the others may send
     else:
         retry_at = now + t.store.timings.retry_delay(_attempts(doc) + 1)
         messages.release([message_id], outcome.reason, retry_at, in_doubt=outcome.ambiguous)
         counts.retried += 1
         logger.info("message {} will be retried: {}", message_id, outcome.reason)
-    _feed_breaker(t.breakers, ready.session, outcome, now)
+    _feed_breaker(t, server, ready.session, outcome, now)
 
 
 def _attempts(doc: Doc) -> int:
@@ -313,8 +353,9 @@ def _attempts(doc: Doc) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def _feed_breaker(breakers: Breakers, session: str, outcome: Outcome, now: datetime) -> None:
-    """What an answer says about the session, or about the whole WAHA server."""
+def _feed_breaker(t: Context, name: str, session: str, outcome: Outcome, now: datetime) -> None:
+    """What an answer of WAHA server `name` says about the session, or about that server."""
+    breakers = t.breakers
     if outcome.verdict is Verdict.SENT:
         breakers.succeeded(session)
         return
@@ -322,10 +363,10 @@ def _feed_breaker(breakers: Breakers, session: str, outcome: Outcome, now: datet
         return  # WAHA refused this message (400, ...): the session is fine
     # A refused key, or no connection at all: nothing else would get through either.
     server = outcome.verdict is Verdict.REJECTED_KEY or outcome.unreachable
-    key = SERVER if server else session
+    key = server_key(name) if server else session
     # WAHA said the session is not started (404) or not WORKING (422): no need to ask again.
     at_once = server or outcome.status_code in (404, 422)
     if breakers.failed(key, now, outcome.reason, at_once):
         log = logger.error if outcome.verdict is Verdict.REJECTED_KEY else logger.warning
-        what = "WAHA" if server else f"session '{session}'"
+        what = named(t.servers, name) if server else f"session '{session}'"
         log("{} paused for {:g} s: {}", what, breakers.cooldown.total_seconds(), outcome.reason)

@@ -10,15 +10,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import time
 from typing import Any
-from urllib.parse import quote, quote_plus, urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from urllib.parse import quote, quote_plus
+from zoneinfo import ZoneInfo
 
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
+from poller import env as var
+from poller.env import ConfigError
 
-class ConfigError(Exception):
-    """A setting is missing or malformed; the message names the variable."""
+__all__ = ["DEFAULT_SERVER", "ConfigError", "Settings", "WahaServer", "default_instance_id"]
+
+
+# The name of the one WAHA server of WAHA_URL, when WAHA_SERVERS is not set.
+DEFAULT_SERVER = "default"
+
+
+@dataclass(frozen=True)
+class WahaServer:
+    """One WAHA server: a name for logs, metrics and lastError; its base URL; its API key."""
+
+    name: str
+    url: str
+    api_key: str = ""
+    key_variable: str = "WAHA_API_KEY"  # the setting that holds the key, to name when refused
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,8 @@ class Settings:
     waha_url: str = "http://localhost:3000"
     # Sent as X-Api-Key; empty sends no header (WAHA Core builds that do not check it).
     waha_api_key: str = ""
+    # Several WAHA servers (WAHA_SERVERS); empty: the one of waha_url and waha_api_key.
+    waha_servers: tuple[WahaServer, ...] = ()
     # The web app schedules to the minute; 30 s keeps lateness under a poll interval.
     poll_interval_seconds: float = 30.0
     # A message more than this late when first seen is expired, never sent late.
@@ -90,7 +107,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        uri = _required(env, "MONGODB_URI")
+        uri = var.required(env, "MONGODB_URI")
         try:
             parsed = _parse_uri(uri)
         except (InvalidURI, ConfigurationError, ValueError) as exc:
@@ -101,44 +118,54 @@ class Settings:
         db = env.get("MONGODB_DB", "").strip() or (parsed.get("database") or "")
         if not db:
             raise ConfigError("MONGODB_DB is not set and MONGODB_URI names no database")
-        gaps = _pacing(env, cls.pacing_min_seconds, cls.pacing_max_seconds)
+        gaps = var.pacing(env, cls.pacing_min_seconds, cls.pacing_max_seconds)
         settings = cls(
             mongodb_uri=uri,
             mongodb_db=db,
-            waha_url=_http_url(env, "WAHA_URL", cls.waha_url),
-            waha_api_key=_header_value(env, "WAHA_API_KEY"),
-            poll_interval_seconds=_number(env, "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds),
-            lookback_seconds=_number(env, "LOOKBACK_SECONDS", cls.lookback_seconds),
-            lease_seconds=_number(env, "LEASE_SECONDS", cls.lease_seconds),
-            retry_seconds=_number(env, "RETRY_SECONDS", cls.retry_seconds),
-            waha_timeout_seconds=_number(env, "WAHA_TIMEOUT_SECONDS", cls.waha_timeout_seconds),
-            mongodb_timeout_seconds=_number(
+            waha_url=var.http_url(env, "WAHA_URL", cls.waha_url),
+            waha_api_key=var.header_value(env, "WAHA_API_KEY"),
+            waha_servers=_servers(env),
+            poll_interval_seconds=var.number(
+                env, "POLL_INTERVAL_SECONDS", cls.poll_interval_seconds
+            ),
+            lookback_seconds=var.number(env, "LOOKBACK_SECONDS", cls.lookback_seconds),
+            lease_seconds=var.number(env, "LEASE_SECONDS", cls.lease_seconds),
+            retry_seconds=var.number(env, "RETRY_SECONDS", cls.retry_seconds),
+            waha_timeout_seconds=var.number(env, "WAHA_TIMEOUT_SECONDS", cls.waha_timeout_seconds),
+            mongodb_timeout_seconds=var.number(
                 env, "MONGODB_TIMEOUT_SECONDS", cls.mongodb_timeout_seconds
             ),
-            batch_size=int(_number(env, "BATCH_SIZE", cls.batch_size, whole=True)),
-            messages_collection=_name(env, "MESSAGES_COLLECTION", cls.messages_collection),
-            campaigns_collection=_name(env, "CAMPAIGNS_COLLECTION", cls.campaigns_collection),
-            sessions_collection=_name(env, "SESSIONS_COLLECTION", cls.sessions_collection),
-            heartbeats_collection=_name(env, "HEARTBEATS_COLLECTION", cls.heartbeats_collection),
-            definitions_collection=_name(env, "DEFINITIONS_COLLECTION", cls.definitions_collection),
-            heartbeat_seconds=_number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds),
+            batch_size=int(var.number(env, "BATCH_SIZE", cls.batch_size, whole=True)),
+            messages_collection=var.name(env, "MESSAGES_COLLECTION", cls.messages_collection),
+            campaigns_collection=var.name(env, "CAMPAIGNS_COLLECTION", cls.campaigns_collection),
+            sessions_collection=var.name(env, "SESSIONS_COLLECTION", cls.sessions_collection),
+            heartbeats_collection=var.name(env, "HEARTBEATS_COLLECTION", cls.heartbeats_collection),
+            definitions_collection=var.name(
+                env, "DEFINITIONS_COLLECTION", cls.definitions_collection
+            ),
+            heartbeat_seconds=var.number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             instance_id=env.get("POLLER_INSTANCE_ID", "").strip() or default_instance_id(),
-            health_port=_port(env, "HEALTH_PORT"),
+            health_port=var.port(env, "HEALTH_PORT"),
             health_host=env.get("HEALTH_HOST", "").strip() or cls.health_host,
-            log_json=_flag(env, "LOG_JSON"),
-            log_level=_choice(
+            log_json=var.flag(env, "LOG_JSON"),
+            log_level=var.choice(
                 env, "LOG_LEVEL", cls.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}
             ),
-            pacing_collection=_name(env, "PACING_COLLECTION", cls.pacing_collection),
+            pacing_collection=var.name(env, "PACING_COLLECTION", cls.pacing_collection),
             pacing_min_seconds=gaps[0],
             pacing_max_seconds=gaps[1],
-            typing=_flag(env, "TYPING"),
-            typing_max_seconds=_number(env, "TYPING_MAX_SECONDS", cls.typing_max_seconds),
-            daily_cap=_cap(env, "DAILY_CAP"),
-            timezone=_timezone(env, "TIMEZONE", cls.timezone),
-            quiet_hours=_quiet_hours(env, "QUIET_HOURS"),
+            typing=var.flag(env, "TYPING"),
+            typing_max_seconds=var.number(env, "TYPING_MAX_SECONDS", cls.typing_max_seconds),
+            daily_cap=var.cap(env, "DAILY_CAP"),
+            timezone=var.timezone(env, "TIMEZONE", cls.timezone),
+            quiet_hours=var.quiet_hours(env, "QUIET_HOURS"),
         )
         return replace(settings, **_events(env))
+
+    @property
+    def servers(self) -> tuple[WahaServer, ...]:
+        """The WAHA servers: those of WAHA_SERVERS, or the one of WAHA_URL."""
+        return self.waha_servers or (WahaServer(DEFAULT_SERVER, self.waha_url, self.waha_api_key),)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -148,6 +175,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Values that must never be written to a log line."""
         found = [self.waha_api_key, self.webhook_hmac_key, self.webhook_secret]
+        found += [server.api_key for server in self.servers]
         try:
             password = _parse_uri(self.mongodb_uri).get("password") or ""
             found += [password, quote(password, safe=""), quote_plus(password)]
@@ -166,124 +194,49 @@ def _parse_uri(uri: str) -> dict[str, Any]:
     return parse_uri("mongodb://" + uri[len(srv) :] if uri.startswith(srv) else uri)
 
 
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"{name} is required but not set")
-    return value
-
-
-def _number(env: Mapping[str, str], name: str, default: float, whole: bool = False) -> float:
-    raw = env.get(name, "").strip()
+def _servers(env: Mapping[str, str]) -> tuple[WahaServer, ...]:
+    """WAHA_SERVERS=eu1,eu2 names the servers; each has WAHA_<NAME>_URL and, unless all share
+    WAHA_API_KEY, WAHA_<NAME>_API_KEY (the name upper-cased, `-` as `_`). Unset: ()."""
+    raw = env.get("WAHA_SERVERS", "").strip()
     if not raw:
-        return default
-    try:
-        value = int(raw) if whole else float(raw)
-    except ValueError:
-        kind = "a whole number" if whole else "a number"
-        raise ConfigError(f"{name} must be {kind} greater than 0, got {raw!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
-    return value
-
-
-def _pacing(env: Mapping[str, str], low: float, high: float) -> tuple[float, float]:
-    values = {}
-    for name, default in (("PACING_MIN_SECONDS", low), ("PACING_MAX_SECONDS", high)):
-        raw = env.get(name, "").strip()
-        try:
-            value = float(raw) if raw else default
-        except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not 0 <= value < float("inf"):
-            raise ConfigError(f"{name} must be 0 or more, got {raw!r}")
-        values[name] = value
-    low, high = values["PACING_MIN_SECONDS"], values["PACING_MAX_SECONDS"]
-    if low > high:
+        return ()
+    if env.get("WAHA_URL", "").strip():
         raise ConfigError(
-            f"PACING_MIN_SECONDS ({low:g}) must not be greater than PACING_MAX_SECONDS ({high:g})"
+            "WAHA_URL is set as well as WAHA_SERVERS: give each server's URL in "
+            "WAHA_<NAME>_URL and unset WAHA_URL"
         )
-    return low, high
-
-
-def _cap(env: Mapping[str, str], name: str) -> int | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
+    names = [part.strip() for part in raw.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z0-9]+([-_][A-Za-z0-9]+)*", name) for name in names):
         raise ConfigError(
-            f"{name} must be a whole number of 1 or more (unset: no cap), got {raw!r}"
+            "WAHA_SERVERS must be names of letters, digits, - and _ separated by commas, "
+            f"such as eu1,eu2; got {raw!r}"
         )
-    return int(raw)
-
-
-def _timezone(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name, "").strip() or default
-    try:
-        ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"{name} must be an IANA time zone such as Europe/Rome or UTC, got {raw!r}"
-        ) from None
-    return raw
-
-
-def _quiet_hours(env: Mapping[str, str], name: str) -> tuple[time, time] | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    found = re.fullmatch(r"(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})", raw)
-    hours = [int(g) for g in found.groups()] if found else []
-    if not found or hours[0] > 23 or hours[2] > 23 or hours[1] > 59 or hours[3] > 59:
-        raise ConfigError(f"{name} must be HH:MM-HH:MM such as 22:00-08:00, got {raw!r}")
-    start, end = time(hours[0], hours[1]), time(hours[2], hours[3])
-    if start == end:
-        raise ConfigError(f"{name} starts and ends at the same time, got {raw!r}")
-    return start, end
-
-
-def _port(env: Mapping[str, str], name: str) -> int | None:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
-        raise ConfigError(f"{name} must be a port number from 1 to 65535, got {raw!r}")
-    return int(raw)
-
-
-def _header_value(env: Mapping[str, str], name: str) -> str:
-    """A value sent as an HTTP header: printable ASCII only. The error names the position of
-    the first other character, never the value, which is a secret."""
-    raw = env.get(name, "")
-    value = raw.strip()
-    for offset, char in enumerate(value):
-        if not (char.isascii() and char.isprintable()):
-            position = raw.index(value) + offset + 1
+    servers: dict[str, WahaServer] = {}
+    for name in names:
+        prefix = f"WAHA_{name.upper().replace('-', '_')}_"
+        if prefix in servers:
             raise ConfigError(
-                f"{name} has a character an HTTP header cannot carry at position {position} "
-                f"(U+{ord(char):04X}); retype it with plain ASCII letters, digits and symbols"
+                f"WAHA_SERVERS names '{servers[prefix].name}' and '{name}', which share the "
+                f"variables {prefix}*: rename one"
             )
-    return value
-
-
-def _http_url(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name, "").strip() or default
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ConfigError(
-            f"{name} must be a plain base URL, without credentials or a query "
-            "(the key goes in WAHA_API_KEY)"
+        if not env.get(f"{prefix}URL", "").strip():
+            raise ConfigError(f"{prefix}URL is not set: WAHA_SERVERS names the server '{name}'")
+        own = var.header_value(env, f"{prefix}API_KEY")
+        key, variable = (
+            (own, f"{prefix}API_KEY")
+            if own
+            else (var.header_value(env, "WAHA_API_KEY"), "WAHA_API_KEY")
         )
-    return raw.rstrip("/")
-
-
-def _name(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name, "").strip() or default
-    if "$" in raw or "\0" in raw or raw.startswith("system."):
-        raise ConfigError(f"{name} is not a valid collection name: {raw!r}")
-    return raw
+        servers[prefix] = WahaServer(name, var.http_url(env, f"{prefix}URL", ""), key, variable)
+    urls = [server.url for server in servers.values()]
+    for url in urls:
+        if urls.count(url) > 1:
+            twins = [s.name for s in servers.values() if s.url == url]
+            raise ConfigError(
+                f"WAHA servers {twins[0]} and {twins[1]} have the same URL {url}: each of "
+                "its sessions would seem to be on two servers"
+            )
+    return tuple(servers.values())
 
 
 def _events(env: Mapping[str, str]) -> dict[str, Any]:
@@ -292,15 +245,15 @@ def _events(env: Mapping[str, str]) -> dict[str, Any]:
     events = env.get("EVENTS", "").strip().lower()
     if events not in ("", "webhook"):
         raise ConfigError(f"EVENTS must be empty or 'webhook', not {events!r}")
-    key = _header_value(env, "WEBHOOK_HMAC_KEY")
-    secret = _header_value(env, "WEBHOOK_SECRET")
+    key = var.header_value(env, "WEBHOOK_HMAC_KEY")
+    secret = var.header_value(env, "WEBHOOK_SECRET")
     if events and not (key or secret):
         raise ConfigError(
             "EVENTS=webhook needs WEBHOOK_HMAC_KEY (the webhook's hmac.key in WAHA) or "
             "WEBHOOK_SECRET (sent by WAHA as the X-Poller-Secret custom header): without "
             "either, anyone could post events"
         )
-    if events and _port(env, "HEALTH_PORT") is None:
+    if events and var.port(env, "HEALTH_PORT") is None:
         raise ConfigError("EVENTS=webhook needs HEALTH_PORT: the webhook is served there")
     words = {
         name: tuple(" ".join(w.split()).upper() for w in env[name].split(",") if w.strip())
@@ -315,24 +268,8 @@ def _events(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("OPTOUT_REPLY", "").strip():
         found["optout_reply"] = env["OPTOUT_REPLY"].strip()
     if env.get("WEBHOOK_MAX_BYTES", "").strip():
-        found["webhook_max_bytes"] = int(_number(env, "WEBHOOK_MAX_BYTES", 0, whole=True))
+        found["webhook_max_bytes"] = int(var.number(env, "WEBHOOK_MAX_BYTES", 0, whole=True))
     return found
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: set[str]) -> str:
-    raw = env.get(name, "").strip().upper() or default
-    if raw not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(sorted(allowed))}, got {raw!r}")
-    return raw
 
 
 def _uri_problem(exc: Exception) -> str:

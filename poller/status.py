@@ -40,7 +40,30 @@ def check(settings: Settings, instance: str | None = None) -> int:
     newest = next(beat for beat in live if beat not in stuck)
     seen = (now - newest["lastSeenAt"]).total_seconds()
     _line(f"ok: {len(live)} live, {newest['_id']} on {newest.get('host')} seen {seen:.0f} s ago")
+    for server in newest.get("wahaServers") or []:
+        _line(f"  WAHA server {server['name']} at {server['url']}: {describe(server)}")
     return 0
+
+
+def describe(server: dict[str, Any]) -> str:
+    """A WAHA server as a heartbeat has it, in one line: reachable or not, the key, the breaker,
+    its sessions."""
+    if server.get("reachable") is None:
+        state = "not asked yet"
+    elif server["keyAccepted"] is False:
+        state = "reachable, API key refused"
+    elif server["reachable"]:
+        state = "reachable, key accepted" if server["keyAccepted"] else "reachable"
+    else:
+        state = "unreachable"
+    state += f", breaker {server['breaker']}"
+    if server.get("problem"):
+        state += f" ({server['problem']})"
+    sessions = server.get("sessions")
+    if sessions is not None:
+        listed = ", ".join(f"{s['name']} {s['status']}" for s in sessions) or "none"
+        state += f"; sessions: {listed}"
+    return state
 
 
 def status(settings: Settings, as_json: bool = False) -> int:
@@ -66,8 +89,11 @@ def status(settings: Settings, as_json: bool = False) -> int:
 def _overview(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
     """Live pollers, the message backlog, each WhatsApp session's lane, the last 24 hours'
     outcomes, running campaigns, active recurring schedules."""
+    instances = store.heartbeats.live(now)
     return {
-        "instances": store.heartbeats.live(now),
+        "instances": instances,
+        # The WAHA servers as the most recently seen poller found them.
+        "servers": next((b["wahaServers"] for b in instances if b.get("wahaServers")), []),
         "sessions": _sessions(store, now, pacing),
         "messages": {
             "dueNow": store.plans.count_due(now),
@@ -153,6 +179,14 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     if not overview["instances"]:
         pollers.add_row("[red]none: nothing is sending[/red]", "", "", "", "", "", "")
     console.print(pollers)
+
+    if overview["servers"]:
+        servers = Table(title="WAHA servers", title_justify="left")
+        for column in ("server", "url", "state"):
+            servers.add_column(column)
+        for server in overview["servers"]:
+            servers.add_row(server["name"], server["url"], describe(server))
+        console.print(servers)
 
     sessions = Table(title="WhatsApp sessions", title_justify="left")
     for column in ("session", "waiting", "next planned send", "sent today", "not sending because"):

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from loguru import logger
-
 from poller import lanes, schedules
-from poller.breaker import SERVER, Breakers
+from poller.breaker import Breakers
 from poller.context import Context
 from poller.contract import session_name
 from poller.counts import TickCounts
 from poller.pacing import Pacing
 from poller.plan import quiet_reason
 from poller.send import send_all
+from poller.servers import Routes, Servers, route, server_key
 from poller.store import Doc, Store
 from poller.store.messages import campaign_ids
 from poller.store.sweep import Settled
-from poller.waha import Outcome, Verdict, WahaClient
+from poller.waha import WahaClient
 
 __all__ = ["TickCounts", "tick"]
 
@@ -34,7 +34,7 @@ SKIPPED = 5
 
 def tick(
     store: Store,
-    waha: WahaClient,
+    waha: WahaClient | Servers,
     batch_size: int,
     now: datetime | None = None,
     stop: threading.Event | None = None,
@@ -44,6 +44,7 @@ def tick(
 ) -> TickCounts:
     """Run one tick and return its counts.
 
+    `waha`: the WAHA servers, or the client of the only one.
     `now` fixes the clock (tests, replays), and `clock` replaces it (a fake clock that moves);
     without either, every step reads the wall clock.
     `stop` is checked between messages: once set, the message in flight finishes and the
@@ -56,7 +57,7 @@ def tick(
         clock = (lambda: now) if now else (lambda: datetime.now(UTC))
     t = Context(
         store,
-        waha,
+        waha if isinstance(waha, Servers) else Servers.one(waha),
         clock,
         stop or threading.Event(),
         breakers or Breakers(store.timings.retry),
@@ -71,11 +72,11 @@ def tick(
         )
         counts.occurred, counts.missed = occurrences.created, occurrences.missed
         t.caps.update(store.sessions.daily_caps())
-        sendable = _sendable(t, counts)
+        t = replace(t, routes=_route(t, counts))
         paused = lanes.campaign_holds(t, clock())
         lanes.adopt(t, clock(), paused, counts)
         lane_docs = store.turns.lanes()
-        ready = lanes.mark_blocked(t, lane_docs, sendable)
+        ready = lanes.mark_blocked(t, lane_docs)
         behind = lanes.oldest(t, started, lane_docs)
         cutoff = started - store.timings.lookback
         stale = [lane for lane, doc in behind.items() if doc["plannedAt"] < cutoff]
@@ -85,7 +86,7 @@ def tick(
         campaigns |= campaign_ids(swept.campaigns)
         counts.replanned += lanes.correct(t, clock(), lane_docs, ready, behind)
         last_claim, cancelling, asked = started, False, list(ready)
-        while not t.stop.is_set() and SERVER not in t.breakers.open(clock()):
+        while not t.stop.is_set() and not _all_down(t):
             if _quiet(t, counts, lane_docs):
                 break
             cancelled = store.campaigns.cancel(clock())  # before each claim, not once a tick
@@ -93,7 +94,7 @@ def tick(
             campaigns |= campaign_ids(cancelled.campaigns)
             cancelling = cancelled.more
             last_claim = clock()
-            batch = _claim(t, last_claim, started, batch_size, asked, sendable, paused)
+            batch = _claim(t, last_claim, started, batch_size, asked, paused)
             if not batch:
                 break
             counts.claimed += len(batch)
@@ -119,7 +120,6 @@ def _claim(
     since: datetime,
     limit: int,
     ready: list[str],
-    sendable: dict[str, str | None] | None,
     paused: set[str],
 ) -> list[Doc]:
     """Claim up to `limit` messages: claims whose poller went away first (of sessions that can
@@ -128,9 +128,7 @@ def _claim(
     nothing more due is taken out of `ready`: the tick's later rounds do not ask it again."""
     lapsed = t.store.messages.lapsed(now, since, limit)
     names = t.store.sessions.names(lapsed)
-    can_send = [
-        d["_id"] for d in lapsed if lanes.why_not(t, session_name(d, names) or "", sendable) is None
-    ]
+    can_send = [d["_id"] for d in lapsed if lanes.why_not(t, session_name(d, names) or "") is None]
     batch = t.store.messages.take_over(can_send, now, since)
     busy = set(t.store.turns.waiting(now)) if t.pacing.paced else set()
     broken = t.breakers.open(now)
@@ -138,7 +136,7 @@ def _claim(
         room = limit - len(batch)
         if room <= 0:
             break
-        if lane in busy or lane in broken:
+        if lane in busy or lane in broken or server_key(t.routes.server_of(lane) or "") in broken:
             continue
         if t.pacing.paced:
             room = 1
@@ -189,33 +187,19 @@ def _next_at(
     return min((at for at in later if at is not None), default=None)
 
 
-def _sendable(t: Context, counts: TickCounts) -> dict[str, str | None] | None:
-    """Ask WAHA once which sessions it has: each listed session, with why it cannot send now
-    (None when it is WORKING). None when the list is not known.
+def _route(t: Context, counts: TickCounts) -> Routes:
+    """Ask the WAHA servers which sessions they hold (see `servers.route`), for the tick's
+    counts and the heartbeat. A tick every server refused the key counts as `key_rejected`."""
+    routes = route(t.servers, t.breakers, t.clock())
+    counts.servers = [dict(state) for state in t.servers.states.values()]
+    counts.key_rejected = all(s["keyAccepted"] is False for s in counts.servers)
+    return routes
 
-    When WAHA cannot be reached or refuses the key, its breaker opens and nothing is claimed;
-    another failure to list counts towards opening it, and the tick goes on.
-    """
-    breakers, now = t.breakers, t.clock()
-    if SERVER not in breakers.open(now):
-        listed = t.waha.sessions()
-        if not isinstance(listed, Outcome):
-            breakers.succeeded(SERVER)
-            counts.sessions = listed
-            return {
-                s["name"]: None
-                if s["status"] == "WORKING"
-                else f"WhatsApp session '{s['name']}' is {s['status']}, not WORKING"
-                for s in listed
-            }
-        counts.key_rejected = listed.verdict is Verdict.REJECTED_KEY
-        at_once = counts.key_rejected or listed.unreachable
-        if not breakers.failed(SERVER, now, listed.reason, at_once):
-            logger.warning("{}; sending without it", listed.reason)
-            return None  # a passing hiccup: each send's own answer still counts
-        log = logger.error if counts.key_rejected else logger.warning
-        log("nothing sent for {:g} s: {}", breakers.cooldown.total_seconds(), listed.reason)
-    return None
+
+def _all_down(t: Context) -> bool:
+    """Every WAHA server's breaker is open: nothing can be sent in this tick."""
+    broken = t.breakers.open(t.clock())
+    return all(server_key(name) in broken for name in t.servers.clients)
 
 
 def _quiet(t: Context, counts: TickCounts, lane_docs: dict[str, Doc]) -> bool:

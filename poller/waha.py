@@ -33,7 +33,13 @@ class Outcome:
 
 
 class WahaClient:
-    def __init__(self, base_url: str, api_key: str, timeout_seconds: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_seconds: float,
+        key_variable: str = "WAHA_API_KEY",
+    ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError("WAHA base URL must start with http:// or https://")
         if timeout_seconds <= 0:
@@ -46,6 +52,7 @@ class WahaClient:
             headers["X-Api-Key"] = api_key
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout_seconds
+        self.key_variable = key_variable  # where the key is set, for the reason it is refused
         # False once this WAHA has shown it cannot pre-generate message ids (older versions).
         self.offers_ids = True
         self._http = httpx.Client(
@@ -98,7 +105,7 @@ class WahaClient:
         except httpx.HTTPError as exc:
             reason = f"the connection to WAHA broke ({_kind(exc)})"
             return Outcome(Verdict.RETRY, reason, ambiguous=True)
-        return classify(response.status_code, _json(response), session)
+        return classify(response.status_code, _json(response), session, self.key_variable)
 
     def new_message_id(self, session: str) -> str | Outcome | None:
         """A pre-generated id for the next message (WAHA 2026.4.3+, NOWEB and GOWS engines).
@@ -130,7 +137,7 @@ class WahaClient:
             self.offers_ids = False  # this WAHA has no such route, or its engine has no ids
             return None
         if code == 404 and "find a session" in said:
-            return classify(code, body, session)
+            return classify(code, body, session, self.key_variable)
         if code in (404, 405) or code >= 500:
             reason = f"WAHA gave no message id ({code}{said or ', ' + _content_type(response)})"
             return Outcome(Verdict.RETRY, reason, None, code)
@@ -150,7 +157,7 @@ class WahaClient:
             return Outcome(Verdict.RETRY, f"WAHA did not list its sessions ({_kind(exc)})")
         code, body = response.status_code, _json(response)
         if code in (401, 403):
-            return classify(code, body, "")
+            return classify(code, body, "", self.key_variable)
         if code != 200 or not isinstance(body, list):
             reason = f"WAHA did not list its sessions ({code}{_said(body)})"
             return Outcome(Verdict.RETRY, reason, None, code)
@@ -161,14 +168,15 @@ class WahaClient:
         ]
 
 
-def classify(code: int, body: Any, session: str) -> Outcome:
-    """Sort one sendText response into sent, retry later, failed for good, or a rejected key."""
+def classify(code: int, body: Any, session: str, key_variable: str = "WAHA_API_KEY") -> Outcome:
+    """Sort one sendText response into sent, retry later, failed for good, or a rejected key
+    (`key_variable`: the setting that holds the key)."""
     said = _said(body)
     if 200 <= code < 300:
         return Outcome(Verdict.SENT, message_id=_message_id(body), status_code=code)
     if code in (401, 403):
         return Outcome(
-            Verdict.REJECTED_KEY, "WAHA rejected the API key (check WAHA_API_KEY)", None, code
+            Verdict.REJECTED_KEY, f"WAHA rejected the API key (check {key_variable})", None, code
         )
     if code == 404:
         reason = f"WhatsApp session '{session}' is not started on WAHA"

@@ -22,7 +22,9 @@ API_KEY = "test-key-9f8e7d6c"
 MONGODB_PASSWORD = "pw-Zq81xLm"
 WRONG_KEY = "wrong-key-77x"
 WEBHOOK_KEY = "hmac-key-5e1c0a"
-SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key", WEBHOOK_KEY]
+# The keys of three WAHA servers (tests/test_servers.py).
+SERVER_KEYS = ["key-a-1c2d3e", "key-b-4f5a6b", "key-c-7c8d9e"]
+SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key", WEBHOOK_KEY, *SERVER_KEYS]
 
 # The poller command, as the tests start it.
 POLLER = [sys.executable, "-m", "poller"]

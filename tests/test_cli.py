@@ -104,6 +104,36 @@ def main(
         ({"MONGODB_URI": "mongodb://h/db", "LOOKBACK_SECONDS": "-5"}, "LOOKBACK_SECONDS must be"),
         ({"MONGODB_URI": "mongodb://h/db", "BATCH_SIZE": "2.5"}, "BATCH_SIZE must be a whole"),
         ({"MONGODB_URI": "mongodb://h/db", "LOG_JSON": "maybe"}, "LOG_JSON must be 1 or 0"),
+        # Several WAHA servers: each problem of the list named in the one line.
+        ({"MONGODB_URI": "mongodb://h/db", "WAHA_SERVERS": "a,,b"}, "WAHA_SERVERS must be names"),
+        ({"MONGODB_URI": "mongodb://h/db", "WAHA_SERVERS": "a b"}, "WAHA_SERVERS must be names"),
+        ({"MONGODB_URI": "mongodb://h/db", "WAHA_SERVERS": "eu1"}, "WAHA_EU1_URL is not set"),
+        (
+            {"MONGODB_URI": "mongodb://h/db", "WAHA_SERVERS": "a", "WAHA_URL": "http://w:3000"},
+            "WAHA_URL is set as well as WAHA_SERVERS",
+        ),
+        (
+            {
+                "MONGODB_URI": "mongodb://h/db",
+                "WAHA_SERVERS": "eu-1,eu_1",
+                "WAHA_EU_1_URL": "http://w",
+            },
+            "WAHA_SERVERS names 'eu-1' and 'eu_1', which share the variables WAHA_EU_1_*",
+        ),
+        (
+            {
+                "MONGODB_URI": "mongodb://h/db",
+                "WAHA_SERVERS": "a,b",
+                "WAHA_A_URL": "http://w:3000",
+                "WAHA_B_URL": "http://w:3000/",
+            },
+            "WAHA servers a and b have the same URL http://w:3000",
+        ),
+        (
+            {"MONGODB_URI": "mongodb://h/db", "WAHA_SERVERS": "a", "WAHA_A_URL": "http://k@w"},
+            "WAHA_A_URL must be a plain base URL, without credentials or a query (the key goes "
+            "in WAHA_A_API_KEY)",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "once"])

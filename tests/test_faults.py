@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from support import POLLER, environment, message, seconds, utcnow, wait_until
 
-from poller.breaker import SERVER, Breakers
+from poller.breaker import Breakers
 from poller.contract import FINAL
+from poller.servers import server_key
 from poller.settings import Settings
 from poller.store import Store
 from poller.testing.mongo import MongoDaemon, mongo_daemon
@@ -95,7 +96,9 @@ def test_waha_down_for_a_while_then_back(store: Store, waha: WahaSimulator, tick
     waha.stop()
 
     assert ticker(now).claimed == 0
-    assert SERVER in ticker.breakers.open(now), "opens at once: the server is unreachable"
+    assert server_key("default") in ticker.breakers.open(now), (
+        "opens at once: the server is unreachable"
+    )
     assert ticker(now + seconds(10)).claimed == 0, "open: WAHA is not even asked"
     waha.start(port)
     assert ticker(now + seconds(20)).claimed == 0, "still cooling down"

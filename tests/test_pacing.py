@@ -582,7 +582,7 @@ def test_a_cancelled_campaign_ends_its_unsent_messages_cancelled(
     counts = tick(store, client, 20, now=start + seconds(21), pacing=pacing)
 
     assert counts.cancelled == 5 and counts.sent == 0
-    assert rival.messages.start_sending(claimed["_id"], start + seconds(22)) is False, (
+    assert rival.messages.start_sending(claimed["_id"], start + seconds(22), "default") is False, (
         "seen: not sent"
     )
     rival.close()

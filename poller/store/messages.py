@@ -154,10 +154,17 @@ class Messages:
 
     # -- one message's life ---------------------------------------------------------------------
 
-    def start_sending(self, message_id: Any, now: datetime, send_id: str | None = None) -> bool:
-        """Mark a claimed message as in flight, with the WAHA message id it will be sent under
-        (kept for every retry); False when it is no longer ours, or was deleted."""
-        fields: Doc = {"status": SENDING, "leaseUntil": now + self.timings.send_lease}
+    def start_sending(
+        self, message_id: Any, now: datetime, server: str, send_id: str | None = None
+    ) -> bool:
+        """Mark a claimed message as in flight through WAHA `server`, with the WAHA message id
+        it will be sent under (kept for every retry); False when it is no longer ours, or was
+        deleted."""
+        fields: Doc = {
+            "status": SENDING,
+            "leaseUntil": now + self.timings.send_lease,
+            "wahaServer": server,
+        }
         if send_id:
             fields["sendId"] = send_id
         result = self.collection.update_one(
