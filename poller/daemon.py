@@ -200,7 +200,8 @@ def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
     finally:
         poller.close()
     if counts.key_rejected:
-        raise PermissionError("WAHA rejected the API key (check WAHA_API_KEY)")
+        keys = ", ".join(sorted({s.key_variable for s in settings.servers}))
+        raise PermissionError(f"WAHA rejected the API key (check {keys})")
     return counts.totals()
 
 

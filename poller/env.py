@@ -118,7 +118,8 @@ def http_url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
+        shown = "a value with credentials or a query" if "@" in raw or "?" in raw else repr(raw)
+        raise ConfigError(f"{name} must be an http:// or https:// URL, got {shown}")
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ConfigError(
             f"{name} must be a plain base URL, without credentials or a query "

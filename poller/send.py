@@ -25,7 +25,7 @@ from poller.contract import (
 )
 from poller.counts import TickCounts
 from poller.plan import cap_reason
-from poller.servers import named, server_key
+from poller.servers import lost, named, server_key
 from poller.store import BUSY, CAPPED, Doc, Store
 from poller.store.optouts import OPTED_OUT
 from poller.store.sweep import CANCELLED_DOUBT, CANCELLED_REASON
@@ -155,8 +155,9 @@ def _moved_in_doubt(t: Context, doc: Doc, ready: Ready, server: str, counts: Tic
     before = doc.get("wahaServer", t.servers.sole)  # not recorded: sent with one server only
     if doc.get("inDoubt") is not True or before == server:
         return False
+    through = f"WAHA server '{before}'" if before else "a WAHA server not recorded"
     reason = (
-        f"The last attempt through WAHA server '{before}' may have reached WhatsApp, and "
+        f"The last attempt through {through} may have reached WhatsApp, and "
         f"session '{ready.session}' is now on WAHA server '{server}': it was not sent again, "
         "so as not to deliver it twice. Check the chat before resending."
     )
@@ -338,7 +339,8 @@ def _record(
         # Not the message's fault: give it back untouched.
         messages.release([message_id], outcome.reason)
         counts.released += 1
-        counts.key_rejected = t.servers.sole is not None  # of several, the others may send
+        if t.servers.sole is not None:  # of several servers, the others may still send
+            counts.key_rejected = True
     else:
         retry_at = now + t.store.timings.retry_delay(_attempts(doc) + 1)
         messages.release([message_id], outcome.reason, retry_at, in_doubt=outcome.ambiguous)
@@ -367,6 +369,8 @@ def _feed_breaker(t: Context, name: str, session: str, outcome: Outcome, now: da
     # WAHA said the session is not started (404) or not WORKING (422): no need to ask again.
     at_once = server or outcome.status_code in (404, 422)
     if breakers.failed(key, now, outcome.reason, at_once):
+        if server:
+            lost(t.servers, name, outcome)
         log = logger.error if outcome.verdict is Verdict.REJECTED_KEY else logger.warning
         what = named(t.servers, name) if server else f"session '{session}'"
         log("{} paused for {:g} s: {}", what, breakers.cooldown.total_seconds(), outcome.reason)

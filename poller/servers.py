@@ -10,7 +10,7 @@ they carry over when a session moves.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,10 +21,15 @@ from poller.breaker import Breakers
 from poller.settings import DEFAULT_SERVER, Settings
 from poller.waha import Outcome, Verdict, WahaClient
 
+# Of several servers, how long a tick waits for their session lists: a server that has not
+# answered by then waits this tick out (a failure towards its breaker).
+LISTING_WAIT_SECONDS = 10.0
+
 
 def server_key(name: str) -> str:
-    """The breaker key of a whole WAHA server (the other keys are session names)."""
-    return f"server:{name}"
+    """The breaker key of a whole WAHA server (the other keys are session names, which do not
+    start with a NUL)."""
+    return f"\0server:{name}"
 
 
 class Servers:
@@ -34,8 +39,8 @@ class Servers:
         if not clients:
             raise ValueError("at least one WAHA server is needed")
         self.clients = clients
-        # Where each session was last listed, to route it through a passing hiccup of its
-        # server's listing, and to say where it was when it cannot be found.
+        # Where each session was last WORKING (on one server only), to route it through a
+        # passing hiccup of that server's listing, and to say where it was when it is not.
         self.last_seen: dict[str, str] = {}
         # Each server as the heartbeat shows it (see `_state`), as of its last listing.
         self.states: dict[str, dict[str, Any]] = {
@@ -133,13 +138,10 @@ def route(servers: Servers, breakers: Breakers, now: datetime) -> Routes:
     names = list(servers.clients)
     broken = breakers.open(now)
     asked = [name for name in names if server_key(name) not in broken]
-    if len(asked) > 1:
-        with ThreadPoolExecutor(len(asked)) as pool:
-            listings = pool.map(lambda name: servers.clients[name].sessions(), asked)
-            answers = dict(zip(asked, listings, strict=True))
-    else:
-        answers = {name: servers.clients[name].sessions() for name in asked}
+    answers = _listings(servers, asked)
     unknown = {name: broken[server_key(name)] for name in names if name not in asked}
+    for name in unknown:  # not asked: what was listed before may have changed since
+        servers.states[name].update(sessions=None, problem=unknown[name])
     hiccup = set()
     listed: dict[str, list[dict[str, str]]] = {}
     for name, answer in answers.items():
@@ -160,6 +162,22 @@ def route(servers: Servers, breakers: Breakers, now: datetime) -> Routes:
     return _routes(servers, listed, unknown, frozenset(hiccup))
 
 
+def _listings(servers: Servers, asked: list[str]) -> dict[str, list[dict[str, str]] | Outcome]:
+    """Each asked server's sessions. Of several, one that has not answered within
+    LISTING_WAIT_SECONDS counts as a failed listing for this tick, so that a slow server does
+    not hold up the others' sends (its request ends in the background, within its timeout)."""
+    if len(asked) == 1:
+        return {asked[0]: servers.clients[asked[0]].sessions()}
+    pool = ThreadPoolExecutor(max(1, len(asked)))
+    futures = {name: pool.submit(servers.clients[name].sessions) for name in asked}
+    wait(futures.values(), timeout=LISTING_WAIT_SECONDS)
+    pool.shutdown(wait=False)
+    late = Outcome(
+        Verdict.RETRY, f"WAHA did not list its sessions within {LISTING_WAIT_SECONDS:g} s"
+    )
+    return {name: f.result() if f.done() else late for name, f in futures.items()}
+
+
 def _routes(
     servers: Servers,
     listed: dict[str, list[dict[str, str]]],
@@ -173,13 +191,12 @@ def _routes(
             statuses.setdefault(one["name"], {})[name] = one["status"]
             if one["status"] == "WORKING":
                 working.setdefault(one["name"], []).append(name)
-            servers.last_seen[one["name"]] = name
     where: dict[str, str] = {}
     waits: dict[str, str] = {}
     for session, found in statuses.items():
         on = working.get(session, [])
         if len(on) == 1:
-            where[session] = on[0]
+            where[session] = servers.last_seen[session] = on[0]
         elif len(on) > 1:
             waits[session] = (
                 f"Waiting: WhatsApp session '{session}' is WORKING on two WAHA servers, "
@@ -214,6 +231,16 @@ def _failed(
     log = logger.error if rejected else logger.warning
     log("nothing sent through {} for {:g} s: {}", what, breakers.cooldown.total_seconds(), reason)
     return True
+
+
+def lost(servers: Servers, name: str, outcome: Outcome) -> None:
+    """What a send's answer that opened the server's breaker says of the server."""
+    state = servers.states[name]
+    state.update(sessions=None, problem=outcome.reason)
+    if outcome.verdict is Verdict.REJECTED_KEY:
+        state.update(reachable=True, keyAccepted=False)
+    elif outcome.unreachable:
+        state.update(reachable=False)
 
 
 def named(servers: Servers, name: str) -> str:

@@ -228,10 +228,10 @@ def _servers(env: Mapping[str, str]) -> tuple[WahaServer, ...]:
             else (var.header_value(env, "WAHA_API_KEY"), "WAHA_API_KEY")
         )
         servers[prefix] = WahaServer(name, var.http_url(env, f"{prefix}URL", ""), key, variable)
-    urls = [server.url for server in servers.values()]
+    urls = [server.url.lower() for server in servers.values()]
     for url in urls:
         if urls.count(url) > 1:
-            twins = [s.name for s in servers.values() if s.url == url]
+            twins = [s.name for s in servers.values() if s.url.lower() == url]
             raise ConfigError(
                 f"WAHA servers {twins[0]} and {twins[1]} have the same URL {url}: each of "
                 "its sessions would seem to be on two servers"

@@ -141,7 +141,7 @@ class WahaClient:
         if code in (404, 405) or code >= 500:
             reason = f"WAHA gave no message id ({code}{said or ', ' + _content_type(response)})"
             return Outcome(Verdict.RETRY, reason, None, code)
-        return classify(code, body, session)
+        return classify(code, body, session, self.key_variable)
 
     def _unreachable(self, exc: Exception) -> Outcome:
         reason = f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"

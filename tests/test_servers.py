@@ -23,7 +23,7 @@ from poller.breaker import Breakers
 from poller.daemon import Poller
 from poller.metrics import Metrics
 from poller.pacing import Pacing
-from poller.servers import Servers
+from poller.servers import LISTING_WAIT_SECONDS, Servers
 from poller.settings import Settings, WahaServer
 from poller.store import Store
 from poller.testing.waha import Request, WahaSimulator
@@ -177,6 +177,25 @@ def test_a_server_down_pauses_only_its_own_sessions(
     assert counts.sent == 1
     assert delivered(wahas)["c"] == {"s3": [chat(3), chat(6)]}
     assert {d["status"] for d in store.messages.collection.find()} == {"sent"}
+
+
+def test_a_slow_server_does_not_hold_up_the_others(
+    store: Store, wahas: dict[str, WahaSimulator], ticker: Callable[..., Ticker]
+) -> None:
+    """A server that takes longer than LISTING_WAIT_SECONDS to list its sessions waits this
+    tick out; the others send in it."""
+    wahas["c"].listing_delay = LISTING_WAIT_SECONDS + 5
+    now = utcnow()
+    schedule(store, now, {"s1": [1], "s2": [2], "s3": [3]})
+    counts = ticker()(now)
+    assert counts.sent == 2
+    assert set(delivered(wahas)) == {"a", "b"}
+    [doc] = docs(store, "s3")
+    assert doc["isSent"] is False
+    assert (
+        f"c: not known (WAHA did not list its sessions within {LISTING_WAIT_SECONDS:g} s)"
+        in (doc["lastError"])
+    )
 
 
 def test_a_server_that_refuses_its_key_pauses_only_its_own_sessions(
