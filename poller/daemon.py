@@ -229,9 +229,18 @@ def run(settings: Settings) -> int:
                     frozenset(settings.optin_keywords),
                     settings.optout_reply,
                 )
+            dashboard = None
+            if settings.dashboard_token:
+                from poller.dashboard import Dashboard  # imported only when it is on
+
+                dashboard = Dashboard(poller.store, poller.pacing, settings.dashboard_token)
             try:
                 server = poller.metrics.serve(
-                    settings.health_host, settings.health_port, poller.healthy, poller.receiver
+                    settings.health_host,
+                    settings.health_port,
+                    poller.healthy,
+                    poller.receiver,
+                    dashboard,
                 )
             except OSError as exc:
                 logger.error("crashed: cannot serve metrics on {}: {}", address, exc)
@@ -240,6 +249,8 @@ def run(settings: Settings) -> int:
             logger.info("metrics on http://{}/metrics", address)
             if poller.receiver is not None:
                 logger.info("WAHA events on http://{}{}", address, EVENTS_PATH)
+            if dashboard is not None:
+                logger.info("dashboard on http://{}/", address)
 
         scheduler = BackgroundScheduler(timezone=UTC)
         wakeup = Wakeup(scheduler, "tick")

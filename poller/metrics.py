@@ -18,6 +18,8 @@ from poller.events import ACKS, Receiver
 # Where WAHA posts its events (EVENTS=webhook).
 EVENTS_PATH = "/waha/events"
 
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
 OUTCOMES = ("sent", "retried", "failed", "expired", "unknown", "cancelled")
 
 
@@ -96,9 +98,11 @@ class Metrics:
         port: int,
         healthy: Callable[[], bool],
         receiver: Receiver | None = None,
+        dashboard: WsgiApp | None = None,
     ) -> WSGIServer:
-        """Serve /metrics and /healthz, and WAHA's events at EVENTS_PATH when a `receiver` is
-        given, from a daemon thread; `shutdown()` the result to stop."""
+        """Serve /metrics and /healthz, WAHA's events at EVENTS_PATH when a `receiver` is
+        given, and every other path through the `dashboard` when one is given, from a daemon
+        thread; `shutdown()` the result to stop."""
         metrics_app = make_wsgi_app(self.registry)
         if receiver is not None:
             self.registry.register(_EventCounts(receiver))
@@ -126,6 +130,8 @@ class Metrics:
                     [("Content-Type", "application/json")],
                 )
                 return [b'{"status":"ok"}' if ok else b'{"status":"down"}']
+            if dashboard is not None and environ.get("PATH_INFO") != "/metrics":
+                return dashboard(environ, start_response)
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
         # One thread per request: a slow scraper does not hold up /healthz.

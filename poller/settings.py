@@ -78,6 +78,8 @@ class Settings:
     optin_keywords: tuple[str, ...] = ("START",)
     # Sent once to a chat that just opted out; empty: no reply.
     optout_reply: str = ""
+    # The web dashboard on the HEALTH_PORT server: off unless this secret is set.
+    dashboard_token: str = ""
     # One document per WhatsApp session: when it may send next, how many it sent today.
     pacing_collection: str = "pollerpacing"
     # How often `poller run` writes its heartbeat; three missed beats and it counts as down.
@@ -160,7 +162,7 @@ class Settings:
             timezone=var.timezone(env, "TIMEZONE", cls.timezone),
             quiet_hours=var.quiet_hours(env, "QUIET_HOURS"),
         )
-        return replace(settings, **_events(env))
+        return replace(settings, **_events(env), dashboard_token=_dashboard(env))
 
     @property
     def servers(self) -> tuple[WahaServer, ...]:
@@ -175,6 +177,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Values that must never be written to a log line."""
         found = [self.waha_api_key, self.webhook_hmac_key, self.webhook_secret]
+        found.append(self.dashboard_token)
         found += [server.api_key for server in self.servers]
         try:
             password = _parse_uri(self.mongodb_uri).get("password") or ""
@@ -270,6 +273,22 @@ def _events(env: Mapping[str, str]) -> dict[str, Any]:
     if env.get("WEBHOOK_MAX_BYTES", "").strip():
         found["webhook_max_bytes"] = int(var.number(env, "WEBHOOK_MAX_BYTES", 0, whole=True))
     return found
+
+
+def _dashboard(env: Mapping[str, str]) -> str:
+    """DASHBOARD_TOKEN turns the dashboard on; it needs HEALTH_PORT, and at least 16 characters
+    (it is the one thing between the page and the database)."""
+    token = var.header_value(env, "DASHBOARD_TOKEN")
+    if not token:
+        return ""
+    if len(token) < 16:
+        raise ConfigError(
+            f"DASHBOARD_TOKEN must be at least 16 characters, got {len(token)}: generate one "
+            "with `python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+        )
+    if var.port(env, "HEALTH_PORT") is None:
+        raise ConfigError("DASHBOARD_TOKEN needs HEALTH_PORT: the dashboard is served there")
+    return token
 
 
 def _uri_problem(exc: Exception) -> str:

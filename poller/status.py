@@ -73,20 +73,25 @@ def status(settings: Settings, as_json: bool = False) -> int:
     try:
         store = Store.connect(settings)
         try:
-            overview = _overview(store, now, Pacing.from_settings(settings))
+            overview = build(store, now, Pacing.from_settings(settings))
         finally:
             store.close()
     except PyMongoError as exc:
         _line(f"poller status: MongoDB is unavailable: {_one_line(exc)}")
         return 1
     if as_json:
-        sys.stdout.write(json.dumps(overview, default=_json, indent=2) + "\n")
+        sys.stdout.write(to_json(overview, indent=2) + "\n")
     else:
         _render(overview, now)
     return 0
 
 
-def _overview(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
+def to_json(overview: dict[str, Any], indent: int | None = None) -> str:
+    """The overview as JSON: dates as ISO 8601 in UTC, ids as text."""
+    return json.dumps(overview, default=_json, indent=indent)
+
+
+def build(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
     """Live pollers, the message backlog, each WhatsApp session's lane, the last 24 hours'
     outcomes, running campaigns, active recurring schedules."""
     instances = store.heartbeats.live(now)

@@ -24,7 +24,17 @@ WRONG_KEY = "wrong-key-77x"
 WEBHOOK_KEY = "hmac-key-5e1c0a"
 # The keys of three WAHA servers (tests/test_servers.py).
 SERVER_KEYS = ["key-a-1c2d3e", "key-b-4f5a6b", "key-c-7c8d9e"]
-SECRETS = [API_KEY, MONGODB_PASSWORD, WRONG_KEY, "wrong-key", WEBHOOK_KEY, *SERVER_KEYS]
+# The dashboard's secret (tests/test_dashboard.py).
+DASHBOARD_TOKEN = "dashboard-token-3f9a1b7c5d"
+SECRETS = [
+    API_KEY,
+    MONGODB_PASSWORD,
+    WRONG_KEY,
+    "wrong-key",
+    WEBHOOK_KEY,
+    *SERVER_KEYS,
+    DASHBOARD_TOKEN,
+]
 
 # The poller command, as the tests start it.
 POLLER = [sys.executable, "-m", "poller"]

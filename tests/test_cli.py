@@ -130,6 +130,14 @@ def main(
             "WAHA servers a and b have the same URL http://w:3000",
         ),
         (
+            {"MONGODB_URI": "mongodb://h/db", "DASHBOARD_TOKEN": "short", "HEALTH_PORT": "9108"},
+            "DASHBOARD_TOKEN must be at least 16 characters, got 5",
+        ),
+        (
+            {"MONGODB_URI": "mongodb://h/db", "DASHBOARD_TOKEN": "a-long-enough-token-123"},
+            "DASHBOARD_TOKEN needs HEALTH_PORT",
+        ),
+        (
             {"MONGODB_URI": "mongodb://h/db", "WAHA_SERVERS": "a", "WAHA_A_URL": "http://k@w"},
             "WAHA_A_URL must be a plain base URL, without credentials or a query (the key goes "
             "in WAHA_A_API_KEY)",

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 from pymongo import MongoClient
 
 from poller.settings import Settings
+from poller.store.activity import Activity
 from poller.store.base import Doc, create_index
 from poller.store.campaigns import Campaigns
 from poller.store.definitions import Definitions
@@ -54,6 +55,7 @@ class Store:
         self.definitions = Definitions(db[settings.definitions_collection])
         self.optouts = Optouts(db[settings.optouts_collection])
         self.heartbeats = Heartbeats(db[settings.heartbeats_collection], self.timings, self.owner)
+        self.activity = Activity(db[settings.messages_collection])
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:

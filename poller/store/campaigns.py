@@ -120,6 +120,19 @@ class Campaigns:
                 {"$set": fields},
             )
 
+    def control(self, campaign_id: Any, status: str, now: datetime) -> bool:
+        """Set a campaign's `status` as the web app does (`paused`, `running`, `cancelled`),
+        unless it has ended; False when there is no such open campaign."""
+        result = self.collection.update_one(
+            {
+                "_id": {"$in": id_variants(campaign_id)},
+                "status": {"$nin": [*COMPLETED, CANCELLED]},
+                "completedAt": {"$exists": False},
+            },
+            {"$set": {"status": status, "statusChangedAt": now}},
+        )
+        return result.matched_count == 1
+
     def running(self, limit: int = 50) -> list[Doc]:
         """Campaigns with stats that have not finished, for `poller status`."""
         found = self.collection.find(

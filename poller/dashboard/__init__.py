@@ -1,0 +1,188 @@
+"""The web dashboard (DASHBOARD_TOKEN): one page, its JSON API and the campaign actions, as a WSGI
+app served beside /metrics. Werkzeug parses the requests and routes them.
+
+Every response but the log-in form and its style sheet needs the secret: a session cookie that
+the log-in sets, or `Authorization: Bearer <DASHBOARD_TOKEN>` for scripts. Actions are POSTs,
+and with the cookie they also need the page's CSRF token in a header and a same-origin
+`Origin`. The page renders every value from the database as text, under a Content-Security-
+Policy that allows no inline script.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any
+
+from loguru import logger
+from pymongo.errors import PyMongoError
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from poller import status
+from poller.dashboard.auth import Auth
+from poller.pacing import Pacing
+from poller.store import Store
+
+# The page asks for the picture this often; the database is asked at most once per interval,
+# however many pages are open.
+REFRESH_SECONDS = 5
+# The last 24 hours' per-minute counts and lateness scan the messages of those hours: they are
+# read at most this often.
+ACTIVITY_SECONDS = 60
+ACTIONS = {"pause": "paused", "resume": "running", "cancel": "cancelled"}
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # Not "no-referrer": with it, a browser sends `Origin: null` on the log-in form's POST.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+STATIC = {"app.js": "text/javascript", "app.css": "text/css"}
+PUBLIC = {"app.css"}  # the log-in form's style: no data
+
+
+class Dashboard:
+    """The dashboard's WSGI app, over the poller's own store."""
+
+    def __init__(
+        self, store: Store, pacing: Pacing, token: str, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self.store, self.pacing = store, pacing
+        self.auth = Auth(token)
+        self.clock = clock or (lambda: datetime.now(UTC))
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._activity: tuple[float, dict[str, Any]] | None = None
+        self.urls = Map(
+            [
+                Rule("/", endpoint="page", methods=["GET"]),
+                Rule("/login", endpoint="login", methods=["POST"]),
+                Rule("/logout", endpoint="logout", methods=["POST"]),
+                Rule("/static/<name>", endpoint="static", methods=["GET"]),
+                Rule("/favicon.ico", endpoint="icon", methods=["GET"]),
+                Rule("/api/status", endpoint="api_status", methods=["GET"]),
+                Rule(
+                    "/api/campaigns/<campaign>/<any(pause, resume, cancel):action>",
+                    endpoint="action",
+                    methods=["POST"],
+                ),
+            ]
+        )
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        request = Request(environ)
+        try:
+            endpoint, args = self.urls.bind_to_environ(environ).match()
+            response = getattr(self, f"_{endpoint}")(request, **args)
+        except (NotFound, MethodNotAllowed) as exc:
+            response = _json({"error": exc.name}, exc.code or 404)
+        except HTTPException as exc:
+            response = _json({"error": exc.name}, exc.code or 400)
+        except PyMongoError as exc:
+            logger.warning("dashboard: MongoDB is unavailable: {}", exc)
+            response = _json({"error": "MongoDB is unavailable"}, 503)
+        response.headers.update(HEADERS)
+        return response(environ, start_response)  # type: ignore[no-any-return]
+
+    # -- pages ------------------------------------------------------------------------------------
+
+    def _page(self, request: Request) -> Response:
+        if self.auth.session(request) is None:
+            return _html(_asset("login.html"), 200)
+        return _html(_asset("index.html"), 200)
+
+    def _login(self, request: Request) -> Response:
+        if not self.auth.same_origin(request):
+            return _json({"error": "cross-site log-in refused"}, 403)
+        if not self.auth.matches(request.form.get("token", "")):
+            # Never the attempted secret: it may be a near miss of the real one.
+            logger.warning("dashboard: failed log-in from {}", request.remote_addr)
+            page = _asset("login.html").replace('id="failed" hidden', 'id="failed"')
+            return _html(page, 401)
+        response = Response(status=303, headers={"Location": "/"})
+        self.auth.set_cookie(response, request, self.clock())
+        return response
+
+    def _logout(self, request: Request) -> Response:
+        response = Response(status=303, headers={"Location": "/"})
+        response.delete_cookie(Auth.COOKIE, path="/")
+        return response
+
+    def _icon(self, request: Request) -> Response:
+        return Response(status=204)
+
+    def _static(self, request: Request, name: str) -> Response:
+        if name not in STATIC:
+            raise NotFound()
+        if name not in PUBLIC and self.auth.session(request) is None:
+            return _json({"error": "log in first"}, 401)
+        return Response(_asset(name), content_type=f"{STATIC[name]}; charset=utf-8")
+
+    # -- the API ----------------------------------------------------------------------------------
+
+    def _api_status(self, request: Request) -> Response:
+        session = self.auth.session(request)
+        if session is None:
+            return _json({"error": "log in first"}, 401)
+        chat = request.args.get("chatId", "").strip()[:200] or None
+        campaign = request.args.get("campaign", "").strip()[:200] or None
+        picture = {
+            **self._overview(),
+            "notSent": self.store.activity.not_sent(50, chat, campaign),
+            "csrf": self.auth.csrf(session),
+        }
+        return Response(status.to_json(picture), content_type="application/json")
+
+    def _action(self, request: Request, campaign: str, action: str) -> Response:
+        session = self.auth.session(request)
+        if session is None:
+            return _json({"error": "log in first"}, 401)
+        if not self.auth.may_act(request, session):
+            return _json({"error": "cross-site request refused"}, 403)
+        if not self.store.campaigns.control(campaign, ACTIONS[action], self.clock()):
+            return _json({"error": "no such open campaign"}, 404)
+        with self._lock:
+            self._cached = None  # the next picture shows it
+        logger.info("dashboard: campaign {} set to {}", campaign, ACTIONS[action])
+        return _json({"campaign": campaign, "status": ACTIONS[action]}, 200)
+
+    def _overview(self) -> dict[str, Any]:
+        """`poller status --json`'s picture, with the last 24 hours' activity; read from the
+        database at most once per REFRESH_SECONDS (the activity once per ACTIVITY_SECONDS)."""
+        with self._lock:
+            now, ticks = self.clock(), time.monotonic()
+            if self._cached is None or ticks - self._cached[0] >= REFRESH_SECONDS:
+                picture = status.build(self.store, now, self.pacing)
+                picture["now"] = now
+                self._cached = (ticks, picture)
+            if self._activity is None or ticks - self._activity[0] >= ACTIVITY_SECONDS:
+                since = now - timedelta(hours=24)
+                activity = {
+                    "perMinute": self.store.activity.per_minute(since),
+                    "lateness": self.store.activity.lateness(since),
+                }
+                self._activity = (ticks, activity)
+            return {**self._cached[1], **self._activity[1]}
+
+
+def _asset(name: str) -> str:
+    return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
+
+
+def _html(text: str, code: int) -> Response:
+    return Response(text, status=code, content_type="text/html; charset=utf-8")
+
+
+def _json(body: dict[str, Any], code: int) -> Response:
+    return Response(status.to_json(body), status=code, content_type="application/json")

@@ -1,0 +1,301 @@
+"""The dashboard in a real browser: Debian's chromium, driven by Playwright (executable_path).
+
+The campaign flow runs a real `poller run` with the dashboard on, sending through the WAHA
+simulator; the other tests serve the dashboard from this process over the test's database.
+Without chromium these tests are skipped, except in CI (`CI` set), where they fail: `.ci/run`
+installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from loguru import logger
+from support import DASHBOARD_TOKEN, WRONG_KEY, environment, message, replicas, utcnow, wait_until
+
+from poller.dashboard import Dashboard
+from poller.metrics import Metrics
+from poller.pacing import Pacing
+from poller.settings import Settings
+from poller.store import Store
+from poller.testing.mongo import free_port
+from poller.testing.waha import WahaSimulator
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        # --no-sandbox: the tests may run as root (CI), where chromium's sandbox refuses to start.
+        launched = playwright.chromium.launch(
+            executable_path=chromium, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    opened.set_default_timeout(60_000)  # generous: a busy machine is slow, never different
+    dialogs: list[str] = []
+    opened.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    opened.dialogs = dialogs
+    yield opened
+    context.close()
+
+
+@pytest.fixture
+def served(store: Store) -> Iterator[str]:
+    """The dashboard over the test's database, served from this process: its base URL."""
+    port = free_port()
+    server = Metrics().serve(
+        "127.0.0.1", port, lambda: True, None, Dashboard(store, Pacing(), DASHBOARD_TOKEN)
+    )
+    yield f"http://127.0.0.1:{port}"
+    server.shutdown()
+    server.server_close()
+
+
+def log_in(page: Any, base: str, token: str = DASHBOARD_TOKEN) -> None:
+    page.goto(base)
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+
+
+def campaign_counts(page: Any, name: str) -> dict[str, int]:
+    """The counts the page shows under a campaign: {"sent": 3, "cancelled": 0, ...}."""
+    text = page.locator(".campaign", has_text=name).locator(".counts").inner_text()
+    return {key: int(n) for key, n in re.findall(r"(\w+) (\d+)", text)}
+
+
+def test_log_in_watch_a_campaign_then_pause_resume_and_cancel_it(
+    page: Any, settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
+) -> None:
+    db = store.messages.collection.database
+    campaign = (
+        db[settings.campaigns_collection]
+        .insert_one({"name": "Black Friday", "status": "running"})
+        .inserted_id
+    )
+    now = utcnow()
+    chats = [f"4477{n:08d}@c.us" for n in range(12)]
+    store.messages.collection.insert_many(
+        [
+            message(now, chat_id=chat, campaignId=campaign, content=f"Offer {n}")
+            for n, chat in enumerate(chats)
+        ]
+    )
+    port = free_port()
+    env = environment(
+        settings,
+        HEALTH_PORT=str(port),
+        DASHBOARD_TOKEN=DASHBOARD_TOKEN,
+        PACING_MIN_SECONDS="1.5",
+        PACING_MAX_SECONDS="1.5",
+        POLL_INTERVAL_SECONDS="2",
+        HEARTBEAT_SECONDS="1",
+    )
+    base = f"http://127.0.0.1:{port}"
+    with replicas([env], tmp_path):
+        wait_until(lambda: _healthy(base), 120, "poller run serves its dashboard")
+        log_in(page, base)
+        page.wait_for_selector(".campaign >> text=Black Friday")
+
+        # Its progress advances as WAHA receives the messages.
+        wait_until(lambda: campaign_counts(page, "Black Friday")["sent"] >= 2, 120, "progress")
+        seen = campaign_counts(page, "Black Friday")["sent"]
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        wait_until(lambda: campaign_counts(page, "Black Friday")["sent"] > seen, 120, "advance")
+
+        # Pause: once the poller has held it, WAHA receives nothing more for it.
+        page.locator(".campaign", has_text="Black Friday").get_by_role(
+            "button", name="Pause"
+        ).click()
+        campaigns = db[settings.campaigns_collection]
+        wait_until(lambda: (campaigns.find_one({"_id": campaign}) or {}).get("heldAt"), 60, "held")
+        held_at = campaigns.find_one({"_id": campaign})["heldAt"]  # type: ignore[index]
+        delivered = len(waha.sent)
+        ticks = set()
+
+        def two_ticks_since_held() -> bool:
+            beat = db[settings.heartbeats_collection].find_one() or {}
+            if beat.get("lastTickAt") and beat["lastTickAt"] > held_at:
+                ticks.add(beat["lastTickAt"])
+            return len(ticks) >= 2
+
+        wait_until(two_ticks_since_held, 60, "two ticks after the pause")
+        assert len(waha.sent) == delivered, "sent while paused"
+        page.locator(".campaign", has_text="Black Friday").locator(
+            ".status", has_text="paused"
+        ).wait_for()
+
+        # Resume: it sends again.
+        page.locator(".campaign", has_text="Black Friday").get_by_role(
+            "button", name="Resume"
+        ).click()
+        wait_until(lambda: len(waha.sent) > delivered, 120, "sending after the resume")
+
+        # Cancel (confirmed in the dialog): the rest ends cancelled, and the campaign leaves
+        # the running list.
+        page.locator(".campaign", has_text="Black Friday").get_by_role(
+            "button", name="Cancel"
+        ).click()
+        wait_until(
+            lambda: (campaigns.find_one({"_id": campaign}) or {}).get("completedAt"), 120, "settled"
+        )
+        page.locator(".campaign", has_text="Black Friday").wait_for(state="detached")
+    assert page.dialogs == ["Cancel this campaign? Its unsent messages end cancelled."]
+    statuses = [d["status"] for d in store.messages.collection.find()]
+    assert set(statuses) <= {"sent", "cancelled"} and statuses.count("cancelled") > 0
+    assert sorted(m.chat_id for m in waha.sent) == sorted(set(m.chat_id for m in waha.sent))
+    assert statuses.count("sent") == len(waha.sent)
+
+
+def test_values_from_the_database_render_as_text(
+    page: Any, served: str, settings: Settings, store: Store
+) -> None:
+    db = store.messages.collection.database
+    name = "<script>alert(1)</script>"
+    db[settings.campaigns_collection].insert_one(
+        {"name": name, "status": "running", "stats": {"total": 1, "sent": 0, "failed": 1}}
+    )
+    text = '<img src=x onerror="alert(2)">'
+    store.messages.collection.insert_one(
+        {
+            **message(utcnow(), chat_id="<b>bold</b>@c.us", content=text),
+            "status": "failed",
+            "finishedAt": utcnow(),
+            "lastError": "<i>WAHA refused</i> it",
+        }
+    )
+    log_in(page, served)
+    page.get_by_text(name, exact=True).wait_for()
+    for shown in (text, "<b>bold</b>@c.us", "<i>WAHA refused</i> it"):
+        assert page.get_by_text(shown, exact=True).count() == 1, shown
+    assert page.locator("img").count() == 0 and page.locator("td b, td i").count() == 0
+    assert page.locator("script").count() == 1  # the page's own app.js only
+    assert page.dialogs == []
+
+
+def test_a_wrong_or_missing_secret_is_refused_and_shows_nothing(
+    page: Any, served: str, settings: Settings, store: Store
+) -> None:
+    db = store.messages.collection.database
+    db[settings.campaigns_collection].insert_one(
+        {"name": "Secret sale", "status": "running", "stats": {"total": 1}}
+    )
+    store.messages.collection.insert_one(message(utcnow(), chat_id="447700900999@c.us"))
+
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{message}")
+    page.goto(served)  # no secret: the log-in form, nothing from the database
+    assert page.locator("#token").is_visible()
+    assert "Secret sale" not in page.content() and "447700900999" not in page.content()
+    log_in(page, served, WRONG_KEY)
+    page.locator("#failed", has_text="That is not the token").wait_for()
+    assert "Secret sale" not in page.content()
+    assert page.evaluate("fetch('/api/status').then(r => r.status)") == 401
+    assert page.evaluate("fetch('/static/app.js').then(r => r.status)") == 401
+    # Logged without the attempted secret (the suite's scan fails the test if it shows).
+    logger.remove(sink)
+    assert [line for line in lines if "log-in" in line] == [
+        "dashboard: failed log-in from 127.0.0.1\n"
+    ]
+    assert not any(WRONG_KEY in line for line in lines)
+
+    with httpx.Client(base_url=served) as http:
+        assert http.get("/api/status").status_code == 401
+        wrong = {"Authorization": f"Bearer {WRONG_KEY}"}
+        assert http.get("/api/status", headers=wrong).status_code == 401
+        assert http.get("/healthz").status_code == 200  # the one exemption
+        right = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+        answer = http.get("/api/status", headers=right)
+        assert answer.status_code == 200
+        assert answer.headers["Content-Security-Policy"].startswith("default-src 'none'")
+        body = answer.json()
+        assert body["campaigns"][0]["name"] == "Secret sale"
+        assert DASHBOARD_TOKEN not in answer.text and settings.mongodb_uri not in answer.text
+
+
+def test_actions_need_this_sites_page_or_the_token(
+    served: str, settings: Settings, store: Store
+) -> None:
+    campaigns = store.messages.collection.database[settings.campaigns_collection]
+    campaign = campaigns.insert_one({"name": "C", "status": "running", "stats": {"total": 1}})
+    path = f"/api/campaigns/{campaign.inserted_id}/pause"
+    with httpx.Client(base_url=served, follow_redirects=False) as http:
+        login = http.post("/login", data={"token": DASHBOARD_TOKEN})
+        assert login.status_code == 303
+        cookie = login.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert DASHBOARD_TOKEN not in cookie
+        csrf = http.get("/api/status").json()["csrf"]
+        assert http.post(path).status_code == 403, "no CSRF token"
+        other = {"X-CSRF-Token": csrf, "Origin": "https://evil.example"}
+        assert http.post(path, headers=other).status_code == 403, "another site's page"
+        assert campaigns.find_one({"_id": campaign.inserted_id})["status"] == "running"  # type: ignore[index]
+        assert http.post(path, headers={"X-CSRF-Token": csrf}).status_code == 200
+        assert http.get(path).status_code == 405, "actions are POSTs"
+    assert campaigns.find_one({"_id": campaign.inserted_id})["status"] == "paused"  # type: ignore[index]
+    with httpx.Client(base_url=served) as script:
+        bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+        resume = f"/api/campaigns/{campaign.inserted_id}/resume"
+        assert script.post(resume, headers=bearer).json() == {
+            "campaign": str(campaign.inserted_id),
+            "status": "running",
+        }
+        assert script.post("/api/campaigns/nope/cancel", headers=bearer).status_code == 404
+
+
+def test_the_page_has_no_inline_script_and_is_light() -> None:
+    static = ROOT / "poller" / "dashboard" / "static"
+    for page in ("index.html", "login.html"):
+        html = (static / page).read_text()
+        assert not re.search(r"<script(?![^>]*\bsrc=)", html), "inline script"
+        assert " on" not in re.sub(r"\s+", " ", html).replace(" one", ""), "inline handler"
+        assert "style=" not in html and "<style" not in html
+    weight = sum((static / name).stat().st_size for name in ("index.html", "app.js", "app.css"))
+    assert weight < 200 * 1024
+
+
+def test_without_a_token_the_dashboard_is_not_even_imported() -> None:
+    code = (
+        "import sys, poller.daemon, poller.metrics; "
+        "print('poller.dashboard' in sys.modules, 'werkzeug' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
