@@ -23,13 +23,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pymongo import MongoClient
 from rich.console import Console
 from rich.table import Table
-from soak import DB, KEY, Replicas, replica_environment
+from soak import DB, KEY, Replicas, campaign_at_once, replica_environment
 
 from poller.testing.mongo import mongo_daemon
 from poller.testing.waha import WahaSimulator
@@ -53,13 +52,7 @@ def main() -> int:
     with mongo_daemon() as daemon, waha:
         client: MongoClient[dict[str, object]] = MongoClient(daemon.uri, tz_aware=True)
         messages = client[DB]["scheduledmessages"]
-        now = datetime.now(UTC)
-        messages.insert_many(
-            [
-                {"scheduledAt": now, "session": s, "chatId": f"4477{n:08d}@c.us", "content": "Hi"}
-                for n, s in enumerate(s for s in sessions for _ in range(args.messages))
-            ]
-        )
+        messages.insert_many(campaign_at_once(sessions, args.messages))
         env = replica_environment(daemon, waha)
         # The default interval: the replicas wake for each session's next turn, not on a timer.
         env.update(

@@ -154,6 +154,15 @@ def instance(replica: str) -> str:
     return f"soak-{replica}"
 
 
+def campaign_at_once(sessions: list[str], per_session: int) -> list[dict[str, object]]:
+    """`per_session` messages for each session, all due now: a campaign written at once."""
+    now = datetime.now(UTC)
+    return [
+        {"scheduledAt": now, "session": s, "chatId": f"4477{n:08d}@c.us", "content": "Hi"}
+        for n, s in enumerate(s for s in sessions for _ in range(per_session))
+    ]
+
+
 def replica_environment(daemon: MongoDaemon, waha: WahaSimulator) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(SETTING_PREFIXES)}
     env.pop("POLLER_INSTANCE_ID", None)
