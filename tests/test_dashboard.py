@@ -274,6 +274,24 @@ def test_actions_need_this_sites_page_or_the_token(
         assert script.post("/api/campaigns/nope/cancel", headers=bearer).status_code == 404
 
 
+def test_odd_requests_get_clear_answers(served: str, settings: Settings, store: Store) -> None:
+    campaigns = store.messages.collection.database[settings.campaigns_collection]
+    draft = campaigns.insert_one({"name": "Draft", "status": "draft"}).inserted_id
+    running = campaigns.insert_one({"name": "R", "status": "running", "stats": {"total": 1}})
+    bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+    with httpx.Client(base_url=served, follow_redirects=False) as http:
+        # A campaign the poller never worked on is not written to; only a paused one resumes.
+        assert http.post(f"/api/campaigns/{draft}/pause", headers=bearer).status_code == 404
+        resume = f"/api/campaigns/{running.inserted_id}/resume"
+        assert http.post(resume, headers=bearer).status_code == 404
+        # Any characters in a cookie or a CSRF token: refused, never a crash.
+        odd = {"Cookie": "poller_dashboard=123.\u00e9".encode()}
+        assert http.get("/api/status", headers=odd).status_code == 401
+        assert http.get("//api/status", headers=bearer).status_code == 404
+        assert http.post("/logout", headers={"Origin": "http://evil.example"}).status_code == 403
+    assert campaigns.find_one({"_id": draft})["status"] == "draft"  # type: ignore[index]
+
+
 def test_the_page_has_no_inline_script_and_is_light() -> None:
     static = ROOT / "poller" / "dashboard" / "static"
     for page in ("index.html", "login.html"):

@@ -63,7 +63,8 @@ class Dashboard:
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._activity: tuple[float, dict[str, Any]] | None = None
         self.urls = Map(
-            [
+            merge_slashes=False,  # `//api/status` is not found, not redirected
+            rules=[
                 Rule("/", endpoint="page", methods=["GET"]),
                 Rule("/login", endpoint="login", methods=["POST"]),
                 Rule("/logout", endpoint="logout", methods=["POST"]),
@@ -75,7 +76,7 @@ class Dashboard:
                     endpoint="action",
                     methods=["POST"],
                 ),
-            ]
+            ],
         )
 
     def __call__(
@@ -92,6 +93,9 @@ class Dashboard:
         except PyMongoError as exc:
             logger.warning("dashboard: MongoDB is unavailable: {}", exc)
             response = _json({"error": "MongoDB is unavailable"}, 503)
+        except Exception:  # a bug: answered like any other error, and logged
+            logger.exception("dashboard: {} {} failed", request.method, request.path[:200])
+            response = _json({"error": "Internal Server Error"}, 500)
         response.headers.update(HEADERS)
         return response(environ, start_response)  # type: ignore[no-any-return]
 
@@ -115,6 +119,8 @@ class Dashboard:
         return response
 
     def _logout(self, request: Request) -> Response:
+        if not self.auth.same_origin(request):
+            return _json({"error": "cross-site log-out refused"}, 403)
         response = Response(status=303, headers={"Location": "/"})
         response.delete_cookie(Auth.COOKIE, path="/")
         return response
@@ -154,7 +160,7 @@ class Dashboard:
             return _json({"error": "no such open campaign"}, 404)
         with self._lock:
             self._cached = None  # the next picture shows it
-        logger.info("dashboard: campaign {} set to {}", campaign, ACTIONS[action])
+        logger.info("dashboard: campaign {!r} set to {}", campaign[:100], ACTIONS[action])
         return _json({"campaign": campaign, "status": ACTIONS[action]}, 200)
 
     def _overview(self) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class Auth:
             return BEARER if self.matches(header.removeprefix("Bearer ").strip()) else None
         value = request.cookies.get(self.COOKIE, "")
         issued, _, mac = value.partition(".")
-        if not issued.isdigit() or not hmac.compare_digest(mac, self._sign("session", issued)):
+        if not issued.isdigit() or not _same(mac, self._sign("session", issued)):
             return None
         if time.time() - int(issued) > self.LIFETIME.total_seconds():
             return None
@@ -66,15 +66,21 @@ class Auth:
         if session == BEARER:
             return True
         given = request.headers.get("X-CSRF-Token", "")
-        return self.same_origin(request) and hmac.compare_digest(given, self.csrf(session))
+        return self.same_origin(request) and _same(given, self.csrf(session))
 
     def same_origin(self, request: Request) -> bool:
-        """No `Origin` (not a browser), or one naming this host."""
+        """No `Origin` (not a browser), or one naming this host. The scheme is not compared:
+        behind a proxy that adds TLS, the page is https and the request reaching us http."""
         origin = request.headers.get("Origin")
         return origin is None or urlsplit(origin).netloc == request.host
 
     def _sign(self, purpose: str, value: str) -> str:
         return hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality of text a client sent (any characters) and ours."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _secure(request: Request) -> bool:

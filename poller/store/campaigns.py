@@ -121,15 +121,21 @@ class Campaigns:
             )
 
     def control(self, campaign_id: Any, status: str, now: datetime) -> bool:
-        """Set a campaign's `status` as the web app does (`paused`, `running`, `cancelled`),
-        unless it has ended; False when there is no such open campaign."""
+        """Set a campaign's `status` as the web app does: `paused` (one not paused), `running`
+        (a paused one) or `cancelled`. Only a campaign the poller works on (it has `stats`)
+        and that has not ended; False when there is no such campaign."""
+        query: Doc = {
+            "_id": {"$in": id_variants(campaign_id)},
+            "stats": {"$exists": True},
+            "status": {"$nin": [*COMPLETED, CANCELLED]},
+            "completedAt": {"$exists": False},
+        }
+        if status == PAUSED:
+            query["status"]["$nin"].append(PAUSED)
+        elif status != CANCELLED:
+            query["status"] = PAUSED
         result = self.collection.update_one(
-            {
-                "_id": {"$in": id_variants(campaign_id)},
-                "status": {"$nin": [*COMPLETED, CANCELLED]},
-                "completedAt": {"$exists": False},
-            },
-            {"$set": {"status": status, "statusChangedAt": now}},
+            query, {"$set": {"status": status, "statusChangedAt": now}}
         )
         return result.matched_count == 1
 

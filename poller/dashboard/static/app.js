@@ -28,6 +28,7 @@ function text(value) {
 function when(iso, now) {
   if (!iso) return "-";
   const at = new Date(iso);
+  if (Number.isNaN(at.getTime())) return text(iso);  // not a date: shown as it is
   const ahead = (at - new Date(now)) / 1000;
   const span = Math.abs(ahead);
   const rel = span < 120 ? `${Math.round(span)} s` : span < 7200 ? `${Math.round(span / 60)} min` : `${(span / 3600).toFixed(1)} h`;
@@ -90,8 +91,8 @@ function act(campaign, action) {
     const response = await fetch(`/api/campaigns/${encodeURIComponent(campaign)}/${action}`, {
       method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf },
     });
+    await refresh();
     if (!response.ok) problem(`The campaign could not be changed (${response.status}).`);
-    refresh();
   };
 }
 
