@@ -13,12 +13,10 @@ demo:
 	$(INSTALL) -e '.[demo]'
 	$(VENV)/bin/poller demo
 
-# The tests run in 4 worker processes (pytest-xdist): they wait on clocks, sockets and
-# subprocesses much of the time, so two per CPU keep a 2-core machine busy. `make test
-# PYTEST_WORKERS=auto` runs one per CPU, `PYTEST_WORKERS=0` one process. The tests marked slow are
-# left out (pyproject.toml): `make test PYTEST_ARGS='-m slow'` runs only them, `PYTEST_ARGS='-m
-# ""'` everything.
-PYTEST_WORKERS ?= 4
+# The tests run in one worker process per CPU (pytest-xdist); `make test PYTEST_WORKERS=0` runs
+# them in one process. The tests marked slow are left out (pyproject.toml): `make test
+# PYTEST_ARGS='-m slow'` runs only them, `PYTEST_ARGS='-m ""'` everything.
+PYTEST_WORKERS ?= auto
 
 test:
 	$(PYTHON) -m venv $(VENV)

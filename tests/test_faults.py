@@ -2,7 +2,7 @@
 
 Every test ends with the same check: each message is final, and WAHA delivered each at most
 once (each test message has a chat of its own, so a duplicate shows as a second delivery).
-Replicas killed mid-work are the soak's (benchmarks/soak.py, which CI runs); on a fake clock,
+Replicas killed mid-work are the soak's (benchmarks/soak.py, a release check); on a fake clock,
 tests/test_tick.py takes over a dead poller's claims and resends its send in flight.
 """
 
