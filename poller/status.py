@@ -97,8 +97,12 @@ def build(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
     instances = store.heartbeats.live(now)
     return {
         "instances": instances,
-        # The WAHA servers as the most recently seen poller found them.
-        "servers": next((b["wahaServers"] for b in instances if b.get("wahaServers")), []),
+        # The WAHA servers as the most recently seen poller found them, each with its `state`
+        # in words (`describe`).
+        "servers": [
+            {**server, "state": describe(server)}
+            for server in next((b["wahaServers"] for b in instances if b.get("wahaServers")), [])
+        ],
         "sessions": _sessions(store, now, pacing),
         "messages": {
             "dueNow": store.plans.count_due(now),
@@ -190,7 +194,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         for column in ("server", "url", "state"):
             servers.add_column(column)
         for server in overview["servers"]:
-            servers.add_row(server["name"], server["url"], describe(server))
+            servers.add_row(server["name"], server["url"], server["state"])
         console.print(servers)
 
     sessions = Table(title="WhatsApp sessions", title_justify="left")

@@ -362,6 +362,7 @@ def test_heartbeat_status_check_and_metrics_show_each_server(
     assert status.status(settings, as_json=True) == 0
     shown = json.loads(capsys.readouterr().out)["servers"]
     assert [s["name"] for s in shown] == ["a", "b", "c"]
+    assert shown[1]["state"].startswith("reachable, API key refused, breaker open")
     assert status.status(settings) == 0
     table = capsys.readouterr().out
     assert "WAHA servers" in table and "API key refused" in table

@@ -47,15 +47,6 @@ function show(section, visible) {
   document.getElementById(section).hidden = !visible;
 }
 
-function serverState(s) {
-  if (s.reachable === null) return "not asked yet";
-  let state = s.keyAccepted === false ? "reachable, API key refused"
-    : !s.reachable ? "unreachable" : s.keyAccepted ? "reachable, key accepted" : "reachable";
-  state += `, breaker ${s.breaker}`;
-  if (s.problem) state += ` (${s.problem})`;
-  return state;
-}
-
 function drawPollers(data) {
   show("pollers", true);
   const rows = data.instances.map((b) => [
@@ -70,7 +61,7 @@ function drawPollers(data) {
 function drawServers(data) {
   show("servers", data.servers.length > 0);
   table("servers", ["server", "url", "state", "sessions"], data.servers.map((s) => [
-    s.name, s.url, serverState(s),
+    s.name, s.url, s.state,
     s.sessions === null ? "-" : s.sessions.map((x) => `${x.name} ${x.status}`).join(", ") || "none",
   ]));
 }
