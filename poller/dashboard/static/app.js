@@ -60,10 +60,7 @@ function drawPollers(data) {
 
 function drawServers(data) {
   show("servers", data.servers.length > 0);
-  table("servers", ["server", "url", "state", "sessions"], data.servers.map((s) => [
-    s.name, s.url, s.state,
-    s.sessions === null ? "-" : s.sessions.map((x) => `${x.name} ${x.status}`).join(", ") || "none",
-  ]));
+  table("servers", ["server", "url", "state"], data.servers.map((s) => [s.name, s.url, s.state]));
 }
 
 function drawSessions(data) {
