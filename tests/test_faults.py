@@ -183,7 +183,7 @@ def test_random_engine_errors_fail_their_messages_and_the_rest_go_out(
 
 
 def start_pollers(
-    settings: Settings, n: int, logs: Path, **extra: str
+    settings: Settings, n: int, folder: Path, **extra: str
 ) -> list[subprocess.Popen[Any]]:
     env = environment(
         settings,
@@ -198,9 +198,21 @@ def start_pollers(
     )
     processes = []
     for i in range(n):
-        with (logs / f"poller-{i}.log").open("w") as log:
-            processes.append(subprocess.Popen(POLLER + ["run"], env=env, stderr=log, cwd=logs))
+        with (folder / f"poller-{i}.log").open("w") as log:
+            processes.append(subprocess.Popen(POLLER + ["run"], env=env, stderr=log, cwd=folder))
+
+    # Each one past its start-up (which exits 1 when MongoDB is unreachable, by design) before
+    # the test breaks anything: on a busy machine one can start long after the other sends.
+    def exited() -> bool:
+        return any(p.poll() is not None for p in processes)
+
+    wait_until(lambda: started(folder) == n or exited(), 120, "every poller started")
+    assert not exited(), logs(folder)[-3000:]
     return processes
+
+
+def started(folder: Path) -> int:
+    return sum("running: a tick every" in log.read_text() for log in folder.glob("poller-*.log"))
 
 
 def stop_pollers(processes: list[subprocess.Popen[Any]]) -> list[int | None]:
@@ -236,9 +248,9 @@ def test_failing_mongodb_commands_lose_nothing_and_send_nothing_twice(
         wait_until(lambda: len(waha.sent) >= 16, 60)
         daemon.fail(["update", "find"], 5, errorCode=2)
         wait_until(settled(store), 90)
-        assert poller.poll() is None, "still running"
+        assert poller.poll() is None, logs(tmp_path)[-3000:]
     finally:
-        assert stop_pollers([poller]) == [0]
+        assert stop_pollers([poller]) == [0], logs(tmp_path)[-3000:]
     assert check_final(store, waha, 24) == {"sent": 24}
     log = (tmp_path / "poller-0.log").read_text()
     assert "tick skipped, MongoDB is unavailable" in log and log.rstrip().endswith("stopped")
@@ -262,9 +274,9 @@ def test_mongodb_restart_loses_nothing_and_sends_nothing_twice(
         wait_until(lambda: logs(tmp_path).count("MongoDB is unavailable") > down, 60, "seen down")
         daemon.start()
         wait_until(settled(store), 90)
-        assert [p.poll() for p in processes] == [None, None], "both kept running"
+        assert [p.poll() for p in processes] == [None, None], logs(tmp_path)[-3000:]
     finally:
-        assert stop_pollers(processes) == [0, 0]
+        assert stop_pollers(processes) == [0, 0], logs(tmp_path)[-3000:]
     outcomes = check_final(store, waha, 20)
     # A send whose outcome could not be written is in doubt; under its message id it is sent
     # again and WAHA answers with the same message.
