@@ -219,17 +219,23 @@ def choose(t: Context, docs: list[Doc], now: datetime, room: int, paused: set[st
     return chosen
 
 
+def breaker_open(t: Context, lane: str, open_now: dict[str, str]) -> str | None:
+    """Why a breaker holds this lane's sends: its WAHA server's, else its own; None when
+    neither is open. `open_now`: `t.breakers.open(...)`, the breakers open and why."""
+    server = t.routes.server_of(lane)
+    if server is not None and server_key(server) in open_now:
+        return open_now[server_key(server)]
+    return open_now.get(lane)
+
+
 def why_not(t: Context, lane: str) -> str | None:
     """Why a lane cannot send now, or None when it can (or it names no session: sending its
     messages fails them with a reason)."""
     if not lane:
         return None
-    blocked = t.breakers.open(t.clock())
-    server = t.routes.server_of(lane)
-    if server is not None and server_key(server) in blocked:  # it opened during this tick
-        return blocked[server_key(server)]
-    if lane in blocked:
-        return blocked[lane]
+    held = breaker_open(t, lane, t.breakers.open(t.clock()))  # one may open during a tick
+    if held is not None:
+        return held
     cap = daily_cap(t, lane)
     if isinstance(cap, str):
         return cap

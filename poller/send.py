@@ -78,33 +78,27 @@ def _send_batch(
             counts.released += messages.release(rest)
             logger.info("released {} claimed message(s) not yet started", len(rest))
             return
-        paused = t.breakers.open(t.clock())
-        server = t.routes.server_of(session_name(doc, names) or "")
-        if server is not None and server_key(server) in paused:  # one session, one server
-            reason = paused[server_key(server)]
-            counts.released += messages.release(rest, reason)
+        # A breaker that opened during this tick (the batch is one session's): no more requests.
+        held = lanes.breaker_open(t, session_name(doc, names) or "", t.breakers.open(t.clock()))
+        if held is not None:
+            counts.released += messages.release(rest, held)
             return
         if t.clock() > lease_until - lease / 2:
             lease_until = t.clock() + lease
             messages.extend(rest, lease_until)
         try:
-            _send_one(t, doc, names, paused, counts)
+            _send_one(t, doc, names, counts)
         except WriteError as exc:
             _unwritable(t.store, doc, exc, t.clock(), counts)
 
 
-def _send_one(
-    t: Context, doc: Doc, names: dict[str, str], paused: dict[str, str], counts: TickCounts
-) -> None:
+def _send_one(t: Context, doc: Doc, names: dict[str, str], counts: TickCounts) -> None:
     messages = t.store.messages
     ready = prepare(doc, names, t.store.sessions.collection.name)
     if isinstance(ready, str):
         messages.finish(doc["_id"], FAILED, ready, t.clock())
         counts.failed += 1
         logger.warning("message {} failed: {}", doc["_id"], ready)
-        return
-    if ready.session in paused:  # its breaker opened during this tick: no request
-        counts.released += messages.release([doc["_id"]], paused[ready.session])
         return
     if _stopped_campaign(t, doc, counts):
         return

@@ -136,7 +136,7 @@ def _claim(
         room = limit - len(batch)
         if room <= 0:
             break
-        if lane in busy or lane in broken or server_key(t.routes.server_of(lane) or "") in broken:
+        if lane in busy or lanes.breaker_open(t, lane, broken) is not None:
             continue
         if t.pacing.paced:
             room = 1
