@@ -80,20 +80,20 @@ def gaps(times: list[Any]) -> list[float]:
 def test_a_campaign_inserted_at_once_is_sent_whole_at_the_paced_rate(
     store: Store, client: WahaClient, waha: WahaSimulator
 ) -> None:
-    """40 messages with one scheduledAt, default pacing: about 11 minutes, none expired; a
+    """20 messages with one scheduledAt, default pacing: about 5.5 minutes, none expired; a
     message already too old when the poller first saw it still expires."""
     start = utcnow()
     campaign = store.campaigns.collection.insert_one(
         {"name": "Launch", "status": "running"}
     ).inserted_id
-    schedule(store, start, 40, campaignId=campaign)
+    schedule(store, start, 20, campaignId=campaign)
     stale = store.messages.collection.insert_one(
         message(start - seconds(121), chat_id="447700900999")
     )
 
     ticks(store, client, Pacing(10, 25), start)
 
-    assert by_status(store, campaignId=campaign) == {"sent": 40}
+    assert by_status(store, campaignId=campaign) == {"sent": 20}
     assert (
         store.messages.collection.find_one({"_id": stale.inserted_id}, {"status": 1})["status"]
         == "expired"
@@ -101,37 +101,37 @@ def test_a_campaign_inserted_at_once_is_sent_whole_at_the_paced_rate(
     spacing = gaps(sent_times(store))
     assert min(spacing) >= 10 and max(spacing) <= 25
     took = (sent_times(store)[-1] - start).total_seconds() / 60
-    assert 39 * 10 / 60 <= took <= 39 * 25 / 60  # about 11 minutes at a mean gap of 17.5 s
+    assert 19 * 10 / 60 <= took <= 19 * 25 / 60  # about 5.5 minutes at a mean gap of 17.5 s
     print(
-        f"40 messages in {took:.1f} min of fake time; gaps {min(spacing):.1f}-{max(spacing):.1f} s"
+        f"20 messages in {took:.1f} min of fake time; gaps {min(spacing):.1f}-{max(spacing):.1f} s"
     )
-    assert len(waha.sent) == 40
+    assert len(waha.sent) == 20
     stats = store.campaigns.collection.find_one({"_id": campaign})
-    assert stats["status"] == "completed" and stats["stats"]["sent"] == 40
+    assert stats["status"] == "completed" and stats["stats"]["sent"] == 20
 
 
 def test_sessions_are_paced_independently(
     store: Store, client: WahaClient, waha: WahaSimulator
 ) -> None:
-    """5 sessions with 10 messages each finish when one session with 10 does."""
-    waha.sessions = {f"s{n}": "WORKING" for n in range(5)}
+    """4 sessions with 6 messages each finish when one session with 6 does."""
+    waha.sessions = {f"s{n}": "WORKING" for n in range(4)}
     start = utcnow()
-    schedule(store, start, 10, session="s0")
+    schedule(store, start, 6, session="s0")
     ticks(store, client, Pacing(10, 10), start)
     alone = sent_times(store, "s0")[-1]
 
     store.messages.collection.delete_many({})
     store.turns.collection.delete_many({})
-    for n in range(5):
-        schedule(store, start, 10, session=f"s{n}")
+    for n in range(4):
+        schedule(store, start, 6, session=f"s{n}")
     ticks(store, client, Pacing(10, 10), start)
 
-    assert by_status(store) == {"sent": 50}
-    finished = [sent_times(store, f"s{n}")[-1] for n in range(5)]
-    assert alone == start + seconds(90)
-    assert max(finished) == alone, "five sessions take no longer than one"
-    for n in range(5):
-        assert gaps(sent_times(store, f"s{n}")) == [10.0] * 9
+    assert by_status(store) == {"sent": 24}
+    finished = [sent_times(store, f"s{n}")[-1] for n in range(4)]
+    assert alone == start + seconds(50)
+    assert max(finished) == alone, "four sessions take no longer than one"
+    for n in range(4):
+        assert gaps(sent_times(store, f"s{n}")) == [10.0] * 5
 
 
 def test_gaps_between_one_sessions_sends_as_waha_sees_them(
