@@ -162,7 +162,9 @@ class Settings:
             timezone=var.timezone(env, "TIMEZONE", cls.timezone),
             quiet_hours=var.quiet_hours(env, "QUIET_HOURS"),
         )
-        return replace(settings, **_events(env), dashboard_token=_dashboard(env))
+        return replace(
+            settings, **_events(env), dashboard_token=_dashboard(env, settings.health_port)
+        )
 
     @property
     def servers(self) -> tuple[WahaServer, ...]:
@@ -275,7 +277,7 @@ def _events(env: Mapping[str, str]) -> dict[str, Any]:
     return found
 
 
-def _dashboard(env: Mapping[str, str]) -> str:
+def _dashboard(env: Mapping[str, str], health_port: int | None) -> str:
     """DASHBOARD_TOKEN turns the dashboard on; it needs HEALTH_PORT, and at least 16 characters
     (it is the one thing between the page and the database)."""
     token = var.header_value(env, "DASHBOARD_TOKEN")
@@ -286,7 +288,7 @@ def _dashboard(env: Mapping[str, str]) -> str:
             f"DASHBOARD_TOKEN must be at least 16 characters, got {len(token)}: generate one "
             "with `python3 -c 'import secrets; print(secrets.token_urlsafe(24))'`"
         )
-    if var.port(env, "HEALTH_PORT") is None:
+    if health_port is None:
         raise ConfigError("DASHBOARD_TOKEN needs HEALTH_PORT: the dashboard is served there")
     return token
 

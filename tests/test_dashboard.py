@@ -20,9 +20,19 @@ from typing import Any
 import httpx
 import pytest
 from loguru import logger
-from support import DASHBOARD_TOKEN, WRONG_KEY, environment, message, replicas, utcnow, wait_until
+from support import (
+    DASHBOARD_TOKEN,
+    WRONG_KEY,
+    environment,
+    message,
+    replicas,
+    seconds,
+    utcnow,
+    wait_until,
+)
 
 from poller.dashboard import Dashboard
+from poller.dashboard.auth import Auth
 from poller.metrics import Metrics
 from poller.pacing import Pacing
 from poller.settings import Settings
@@ -291,6 +301,53 @@ def test_odd_requests_get_clear_answers(served: str, settings: Settings, store: 
         assert http.get("//api/status", headers=bearer).status_code == 404
         assert http.post("/logout", headers={"Origin": "http://evil.example"}).status_code == 403
     assert campaigns.find_one({"_id": draft})["status"] == "draft"  # type: ignore[index]
+
+
+def test_the_activity_counts_each_minute_and_how_late_the_sends_went(store: Store) -> None:
+    minute = utcnow().replace(second=0, microsecond=0) - seconds(600)
+    ended = [("sent", 0.5), ("sent", 3), ("sent", 45), ("sent", -2), ("sent", 500)]
+    store.messages.collection.insert_many(
+        [
+            {
+                **message(minute, chat_id=f"4477{n:08d}"),
+                "status": status,
+                "sentAt": minute + seconds(late),
+            }
+            for n, (status, late) in enumerate(ended)
+        ]
+        + [
+            {**message(minute, chat_id="447700000099"), "status": "failed", "finishedAt": minute},
+            {
+                **message(minute - seconds(90000), chat_id="447700000098"),
+                "status": "sent",
+                "sentAt": minute - seconds(90000),
+            },  # older than the 24 hours asked for
+        ]
+    )
+    since = minute - seconds(3600)
+    lateness = {row["from"]: row["n"] for row in store.activity.lateness(since)}
+    assert lateness == {0: 2, 1: 1, 5: 0, 30: 1, 60: 0, 120: 1}, "early sends count as on time"
+    rows = store.activity.per_minute(since)
+    at = minute.strftime("%Y-%m-%dT%H:%M")
+    assert {"minute": at, "status": "failed", "n": 1} in rows
+    assert sum(row["n"] for row in rows) == 6
+
+
+def test_a_session_cookie_lapses_after_its_lifetime(store: Store) -> None:
+    now = [utcnow()]
+    port = free_port()
+    served = Dashboard(store, Pacing(), DASHBOARD_TOKEN, clock=lambda: now[0])
+    server = Metrics().serve("127.0.0.1", port, lambda: True, None, served)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            assert http.post("/login", data={"token": DASHBOARD_TOKEN}).status_code == 303
+            now[0] += Auth.LIFETIME - seconds(60)
+            assert http.get("/api/status").status_code == 200
+            now[0] += seconds(120)
+            assert http.get("/api/status").status_code == 401
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_the_page_has_no_inline_script_and_is_light() -> None:

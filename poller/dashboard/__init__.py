@@ -57,8 +57,8 @@ class Dashboard:
         self, store: Store, pacing: Pacing, token: str, clock: Callable[[], datetime] | None = None
     ) -> None:
         self.store, self.pacing = store, pacing
-        self.auth = Auth(token)
         self.clock = clock or (lambda: datetime.now(UTC))
+        self.auth = Auth(token, self.clock)
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._activity: tuple[float, dict[str, Any]] | None = None
@@ -115,7 +115,7 @@ class Dashboard:
             page = _asset("login.html").replace('id="failed" hidden', 'id="failed"')
             return _html(page, 401)
         response = Response(status=303, headers={"Location": "/"})
-        self.auth.set_cookie(response, request, self.clock())
+        self.auth.set_cookie(response, request)
         return response
 
     def _logout(self, request: Request) -> Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -23,8 +23,9 @@ class Auth:
     COOKIE = "poller_dashboard"
     LIFETIME = timedelta(hours=12)
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, clock: Callable[[], datetime]) -> None:
         self._key = token.encode()
+        self._clock = clock  # when a cookie is issued, and when it has lived LIFETIME
         self._digest = hashlib.sha256(self._key).digest()
 
     def matches(self, given: str) -> bool:
@@ -40,12 +41,12 @@ class Auth:
         issued, _, mac = value.partition(".")
         if not issued.isdigit() or not _same(mac, self._sign("session", issued)):
             return None
-        if time.time() - int(issued) > self.LIFETIME.total_seconds():
+        if self._clock().timestamp() - int(issued) > self.LIFETIME.total_seconds():
             return None
         return value
 
-    def set_cookie(self, response: Response, request: Request, now: datetime) -> None:
-        issued = str(int(now.timestamp()))
+    def set_cookie(self, response: Response, request: Request) -> None:
+        issued = str(int(self._clock().timestamp()))
         response.set_cookie(
             self.COOKIE,
             f"{issued}.{self._sign('session', issued)}",

@@ -40,24 +40,29 @@ class Activity:
     def lateness(self, since: datetime) -> list[Doc]:
         """The messages sent since `since` by how late they went out: `{"from": 5, "n": 12}`
         counts those 5 s or more, and less than the next bucket's `from`, late."""
-        bounds = [1000 * s for s in LATENESS_FROM]
+        # Each bucket's lower bound in ms; the first takes in early sends (a clock ahead) too.
+        lower = [-(10**15), *(1000 * s for s in LATENESS_FROM[1:])]
         rows = self.collection.aggregate(
             [
-                {"$match": {"sentAt": {"$gte": since}, "status": SENT}},
-                {"$match": {"scheduledAt": {"$type": "date"}}},
+                {
+                    "$match": {
+                        "sentAt": {"$gte": since},
+                        "status": SENT,
+                        "scheduledAt": {"$type": "date"},
+                    }
+                },
                 {
                     "$bucket": {
                         "groupBy": {"$subtract": ["$sentAt", "$scheduledAt"]},
-                        "boundaries": [-(10**15), *bounds[1:], 10**15],
+                        "boundaries": [*lower, 10**15],
                         "output": {"n": {"$sum": 1}},
                     }
                 },
             ]
         )
         counts = {row["_id"]: row["n"] for row in rows}
-        keys = [-(10**15), *bounds[1:]]
         return [
-            {"from": s, "n": counts.get(k, 0)} for s, k in zip(LATENESS_FROM, keys, strict=True)
+            {"from": s, "n": counts.get(k, 0)} for s, k in zip(LATENESS_FROM, lower, strict=True)
         ]
 
     def not_sent(

@@ -124,12 +124,7 @@ class Campaigns:
         """Set a campaign's `status` as the web app does: `paused` (one not paused), `running`
         (a paused one) or `cancelled`. Only a campaign the poller works on (it has `stats`)
         and that has not ended; False when there is no such campaign."""
-        query: Doc = {
-            "_id": {"$in": id_variants(campaign_id)},
-            "stats": {"$exists": True},
-            "status": {"$nin": [*COMPLETED, CANCELLED]},
-            "completedAt": {"$exists": False},
-        }
+        query: Doc = {"_id": {"$in": id_variants(campaign_id)}, **_open()}
         if status == PAUSED:
             query["status"]["$nin"].append(PAUSED)
         elif status != CANCELLED:
@@ -140,9 +135,17 @@ class Campaigns:
         return result.matched_count == 1
 
     def running(self, limit: int = 50) -> list[Doc]:
-        """Campaigns with stats that have not finished, for `poller status`."""
-        found = self.collection.find(
-            {"status": {"$nin": [*COMPLETED, CANCELLED]}, "stats": {"$exists": True}},
-            {"name": 1, "status": 1, "stats": 1, "eta": 1},
-        )
+        """Campaigns with stats that have not finished, for `poller status` and the dashboard
+        (which acts on these)."""
+        found = self.collection.find(_open(), {"name": 1, "status": 1, "stats": 1, "eta": 1})
         return list(found.limit(limit))
+
+
+def _open() -> Doc:
+    """A campaign the poller works on (it has `stats`) and that has not ended: not completed,
+    not cancelled, no `completedAt`. A new dict each time: callers add to it."""
+    return {
+        "stats": {"$exists": True},
+        "status": {"$nin": [*COMPLETED, CANCELLED]},
+        "completedAt": {"$exists": False},
+    }
