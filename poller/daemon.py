@@ -13,7 +13,9 @@ from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 from loguru import logger
 from pymongo.errors import PyMongoError
 
@@ -323,13 +325,15 @@ class Wakeup:
     """Brings the scheduler's next tick forward: to when the last tick says the next message
     comes due, or when the watcher sees a message written meanwhile.
 
-    A tick is never moved while one runs (the scheduler would skip the moved run): what is
-    asked for meanwhile is kept, and the tick that runs asks for it as it ends. `close` waits
-    for the tick in progress; after it, nothing moves the job any more, so that the scheduler's
-    shutdown never waits for a tick that waits for the scheduler.
+    A tick is never moved while one runs: the scheduler would skip a run that comes due before
+    the running one has returned (max_instances=1). What is asked for meanwhile, and the tick's
+    own next time, are kept, and moved to once the scheduler reports the run over (`finished`,
+    an APScheduler listener). `close` waits for the tick in progress; after it, nothing moves
+    the job any more, so that the scheduler's shutdown never waits for a tick that waits for
+    the scheduler.
     """
 
-    def __init__(self, scheduler: BackgroundScheduler, job_id: str) -> None:
+    def __init__(self, scheduler: BaseScheduler, job_id: str) -> None:
         self._scheduler = scheduler
         self._job_id = job_id
         self._lock = threading.Condition()
@@ -337,6 +341,7 @@ class Wakeup:
         self._closed = False
         self._asked: datetime | None = None
         self._last_start = datetime.now(UTC)
+        scheduler.add_listener(self.finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
 
     def ask(self, at: datetime) -> None:
         """Tick at `at` at the latest (from any thread)."""
@@ -356,13 +361,20 @@ class Wakeup:
         try:
             next_at = work()
         finally:
-            with self._lock:
-                self._running = False
-                wanted = [at for at in (next_at, self._asked) if at is not None]
-                self._asked = None
-                if wanted and not self._closed:
-                    self._move(min(wanted))
-                self._lock.notify_all()
+            if next_at is not None:
+                self.ask(next_at)  # kept: `_running` holds until the scheduler reports the end
+
+    def finished(self, event: JobExecutionEvent) -> None:
+        """The scheduler's report that a run of a job returned: for ours, move to what was
+        asked for while it ran."""
+        if event.job_id != self._job_id:
+            return
+        with self._lock:
+            self._running = False
+            if self._asked is not None and not self._closed:
+                self._move(self._asked)
+            self._asked = None
+            self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:

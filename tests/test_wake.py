@@ -16,8 +16,9 @@ from time import monotonic, sleep
 from typing import Any
 
 import pytest
+from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
-from support import POLLER, environment, message, seconds, utcnow
+from support import POLLER, environment, message, seconds, utcnow, wait_until
 
 from poller.daemon import Wakeup
 from poller.pacing import Pacing
@@ -116,11 +117,33 @@ def test_wakeup_brings_the_tick_forward_and_never_moves_it_while_it_runs() -> No
         return utcnow() + seconds(50)  # the tick's own next message
 
     wakeup.run(work)
+    assert next_run() == soon, "not moved before the scheduler reports the run over"
+    wakeup.finished(JobExecutionEvent(EVENT_JOB_EXECUTED, "tick", "default", utcnow()))
     assert next_run() == asked_meanwhile, "what was asked during the tick is kept"
 
     wakeup.close()
     wakeup.ask(utcnow() + seconds(1))
     assert next_run() == asked_meanwhile, "closed: nothing moves the tick any more"
+
+
+def test_a_tick_that_returns_slowly_still_gets_the_tick_it_asked_for() -> None:
+    """On a busy machine the job can return well after the tick asked for the next one: the
+    scheduler would skip a run moved to before that return. The move waits for the return."""
+    scheduler = BackgroundScheduler(timezone=UTC)
+    wakeup = Wakeup(scheduler, "tick")
+    runs: list[datetime] = []
+
+    def job() -> None:
+        wakeup.run(lambda: runs.append(utcnow()) or utcnow())  # due again at once
+        sleep(0.5)  # the thread is slow to return: the move must not come due before this ends
+
+    scheduler.add_job(job, "interval", id="tick", seconds=3600, next_run_time=utcnow())
+    scheduler.start()
+    try:
+        wait_until(lambda: len(runs) >= 3, 60, "ticks brought forward, not skipped")
+    finally:
+        wakeup.close()
+        scheduler.shutdown(wait=True)
 
 
 # -- poller run -----------------------------------------------------------------------------------
