@@ -40,7 +40,7 @@ from rich.table import Table
 from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
-from poller.store.plans import LANE_INDEX
+from poller.store.plans import QUEUE_INDEX, queue_query
 from poller.testing.mongo import mongo_daemon
 from poller.testing.waha import WahaSimulator
 from poller.testing.writes import Writes
@@ -120,15 +120,11 @@ def run(uri: str, n: int, sends: int, waha: WahaSimulator) -> dict[str, float]:
 
 
 def _claim_examined(store: Store, now: datetime) -> tuple[int, int]:
-    """Keys and documents the claim queries of every lane examine at `now` (explain)."""
-    keys = docs = 0
-    for lane in SESSIONS:
-        query, sort = store.plans.due_query(lane, now)
-        explained = store.messages.collection.find(query, sort=sort, hint=LANE_INDEX).explain()
-        stats = explained["executionStats"]
-        keys += stats["totalKeysExamined"]
-        docs += stats["totalDocsExamined"]
-    return keys, docs
+    """Keys and documents the claim's one read of the queue examines at `now` (explain)."""
+    query = queue_query(now + store.timings.tick_interval)
+    found = store.messages.collection.find(query, sort=[("plannedAt", 1)], hint=QUEUE_INDEX)
+    stats = found.limit(4 * 20 + 10).explain()["executionStats"]
+    return stats["totalKeysExamined"], stats["totalDocsExamined"]
 
 
 ROWS = [

@@ -1,5 +1,5 @@
-"""How much finding due messages reads: explain() of the query of new messages and of a lane's
-claim, over a collection with history, a future and a lane planned far ahead.
+"""How much finding due messages reads: explain() of the query of new messages and of the
+claim's read of the queue, over a collection with history, a future and a lane planned far ahead.
 
     .venv/bin/python benchmarks/claim_explain.py [N]
 
@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 from poller.settings import Settings
 from poller.store import Store
-from poller.store.plans import LANE_INDEX
+from poller.store.plans import NEW_INDEX, QUEUE_INDEX, queue_query, unplanned_query
 from poller.testing.mongo import embedded_mongodb
 
 
@@ -37,13 +37,17 @@ def main(n: int) -> None:
         due = [{**lane, "plannedAt": now - timedelta(seconds=i)} for i in range(5)]
         store.messages.collection.insert_many(sent + future + later + due)
         print(f"documents in collection: {3 * n + 5}")
-        new_query, new_index = store.plans.new_query(now)
-        claim_query, sort = store.plans.due_query("default", now)
+        until = now + timedelta(seconds=30)
         for name, found in (
-            ("new messages", store.messages.collection.find(new_query, hint=new_index)),
             (
-                "a lane's claim",
-                store.messages.collection.find(claim_query, sort=sort, hint=LANE_INDEX),
+                "new messages",
+                store.messages.collection.find(unplanned_query(until), hint=NEW_INDEX),
+            ),
+            (
+                "the claim's read of the queue",
+                store.messages.collection.find(
+                    queue_query(until), sort=[("plannedAt", 1)], hint=QUEUE_INDEX, limit=90
+                ),
             ),
         ):
             explained = found.explain()

@@ -64,6 +64,7 @@ from poller.breaker import Breakers  # noqa: E402
 from poller.pacing import Pacing  # noqa: E402
 from poller.settings import Settings  # noqa: E402
 from poller.store import Store  # noqa: E402
+from poller.store.plans import NEW_INDEX, unplanned_query  # noqa: E402
 from poller.testing.mongo import mongo_daemon  # noqa: E402
 from poller.testing.waha import WahaSimulator  # noqa: E402
 from poller.tick import tick  # noqa: E402
@@ -320,8 +321,8 @@ def examined(count: int, rows: int, env: Bench, out: dict[str, Figures]) -> None
         ),
         # The first read of due messages: those not yet planned, a batch of them
         "poller": store.messages.collection.find(
-            store.plans.new_query(now)[0], {"_id": 1}, limit=settings.batch_size
-        ).hint(store.plans.new_query(now)[1]),
+            unplanned_query(now), {"_id": 1}, limit=settings.batch_size
+        ).hint(NEW_INDEX),
     }
     for design, query in claims.items():
         stats = query.sort("scheduledAt", 1).explain()["executionStats"]

@@ -15,6 +15,20 @@ from poller.servers import Routes, Servers
 from poller.store import Store
 
 
+@dataclass
+class Memory:
+    """What one process carries from one tick to the next (a daemon keeps one; without it, a
+    tick starts afresh): why each lane could not send as last noted, when the open campaigns
+    were last checked, when a recurring schedule occurs next, and whether what an earlier
+    version left was upgraded."""
+
+    blocked: dict[str, str | None] = field(default_factory=dict)
+    checked_at: datetime | None = None
+    # When the next occurrence of a recurring schedule comes within reach, to materialise it.
+    occurs_at: datetime | None = None
+    upgraded: bool = False
+
+
 @dataclass(frozen=True)
 class Context:
     """What every step of one tick works with."""
@@ -25,15 +39,31 @@ class Context:
     stop: threading.Event
     breakers: Breakers
     pacing: Pacing
-    # The `dailyCap` of each session document that sets one, read once a tick.
-    caps: dict[str, Any] = field(default_factory=dict)
+    # The `dailyCap` of each session document that sets one, read once a tick when needed.
+    caps: Caps = field(default_factory=lambda: Caps(None))
     # Which WAHA server each session sends through in this tick.
     routes: Routes = field(default_factory=Routes)
+    memory: Memory = field(default_factory=Memory)
+    # The campaigns whose messages wait, paused (as read at the start of the tick).
+    held: tuple[Any, ...] = ()
+
+
+class Caps:
+    """The sessions' `dailyCap`s, read from the store the first time a tick needs one."""
+
+    def __init__(self, store: Store | None) -> None:
+        self._store = store
+        self._caps: dict[str, Any] | None = None
+
+    def all(self) -> dict[str, Any]:
+        if self._caps is None:
+            self._caps = self._store.sessions.daily_caps() if self._store else {}
+        return self._caps
 
 
 def daily_cap(t: Context, session: str) -> int | str | None:
     """The session's daily cap in this tick (see `session_cap`)."""
-    return session_cap(t.caps, session, t.pacing.daily_cap, t.store.sessions.collection.name)
+    return session_cap(t.caps.all(), session, t.pacing.daily_cap, t.store.sessions.collection.name)
 
 
 def session_cap(

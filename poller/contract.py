@@ -35,8 +35,12 @@ FINAL = (SENT, FAILED, EXPIRED, UNKNOWN, CANCELLED)
 COMPLETED = ("completed", "completed_with_failures")
 # What the web app writes in a campaign's status to stop it for a while, or for good.
 PAUSED = "paused"
-# Any "yes" the web app may write in isSent / isDeleted keeps a message back.
+# Any "yes" the web app may write in isSent / isDeleted: the message is done, whatever its
+# status. The one definition of "done": the queries (NOT_DONE), the checks (`done`) and the
+# campaign stats (`done_expression`) all read it from here.
 YES = [True, 1, "true"]
+DONE_FLAGS = ("isSent", "isDeleted")
+NOT_DONE = {flag: {"$nin": YES} for flag in DONE_FLAGS}
 
 # WhatsApp ids WAHA can send to: a person (c.us, lid), a group (g.us), a channel (newsletter).
 CHAT_ID = re.compile(
@@ -97,6 +101,24 @@ def session_name(doc: Mapping[str, Any], names: Mapping[str, str]) -> str | None
 def clean_session_name(raw: object) -> str | None:
     """A session document's `name` as a session name, or None."""
     return raw.strip() if isinstance(raw, str) and raw.strip() else None
+
+
+def done(doc: Mapping[str, Any], flag: str | None = None) -> bool:
+    """Whether the web app marked the message done (`flag`: that flag only)."""
+    flags = DONE_FLAGS if flag is None else (flag,)
+    return any(_yes(doc.get(name)) for name in flags)
+
+
+def done_expression(flag: str) -> dict[str, Any]:
+    """`done(doc, flag)` as an aggregation expression."""
+    return {"$in": [{"$ifNull": [f"${flag}", False]}, YES]}
+
+
+def _yes(value: object) -> bool:
+    # As MongoDB compares: true is not 1, and 1.0 is 1.
+    if isinstance(value, bool):
+        return value
+    return (isinstance(value, int | float) and value == 1) or value == "true"
 
 
 # -- what to send -----------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from poller.store.sweep import Settled
+from poller.stats import Tally
 
-_NOT_COUNTS = ("lateness", "next_at", "servers", "by_server")
+_NOT_COUNTS = ("lateness", "next_at", "servers", "by_server", "stats")
 
 
 @dataclass
@@ -44,10 +44,12 @@ class TickCounts:
     servers: list[dict[str, Any]] = field(default_factory=list)
     # Server -> outcome (sent, retried, failed, unknown) -> how many sends it answered so.
     by_server: dict[str, dict[str, int]] = field(default_factory=dict)
+    # What the tick's transitions change in each campaign's stats.
+    stats: Tally = field(default_factory=Tally)
 
     def totals(self) -> dict[str, int | bool]:
         """The counts alone, as written to the heartbeat and returned by run_once()."""
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_COUNTS}
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in _NOT_COUNTS}
 
     def add(self, other: TickCounts) -> None:
         """Add the counts of `other` (one session's sends, made in parallel) to these."""
@@ -57,6 +59,7 @@ class TickCounts:
             else:
                 setattr(self, name, getattr(self, name) + value)
         self.lateness.extend(other.lateness)
+        self.stats.add(other.stats)
         for server, outcomes in other.by_server.items():
             for outcome, n in outcomes.items():
                 self.count_send(server, outcome, n)
@@ -65,13 +68,6 @@ class TickCounts:
         """Count an answer of WAHA `server` to a send."""
         outcomes = self.by_server.setdefault(server, {})
         outcomes[outcome] = outcomes.get(outcome, 0) + n
-
-    def add_settled(self, settled: Settled) -> None:
-        """Count what a sweep or a cancellation ended."""
-        self.expired += settled.expired
-        self.unknown += settled.unknown
-        self.failed += settled.failed
-        self.cancelled += settled.cancelled
 
     def summary(self) -> str:
         return (

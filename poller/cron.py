@@ -37,7 +37,18 @@ class Rule:
         return f"{self.cron} {self.zone.key}"
 
 
-def parse(cron: object, zone: object) -> Rule | str:
+def zone(name: object) -> ZoneInfo | str:
+    """The IANA time zone called `name`, or why there is none, in a sentence: also for a folder
+    of regions (`US`, `Europe`) and for a file of the database that is no zone (`zone.tab`)."""
+    if isinstance(name, str) and name.strip():
+        try:
+            return ZoneInfo(name.strip())
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+    return f"timezone {name!r} is not an IANA time zone name such as 'Europe/London'."
+
+
+def parse(cron: object, timezone: object) -> Rule | str:
     """The rule of a cron expression (5 fields, minute to day of week) in an IANA zone, or
     why it cannot be used, in a sentence."""
     if not isinstance(cron, str) or not cron.strip():
@@ -48,12 +59,9 @@ def parse(cron: object, zone: object) -> Rule | str:
             f"cron {cron!r} has {len(fields)} field{'s' * (len(fields) != 1)}; it needs 5: "
             "minute, hour, day of month, month, day of week."
         )
-    if not isinstance(zone, str) or not zone.strip():
-        return f"timezone {zone!r} is not an IANA time zone name such as 'Europe/London'."
-    try:
-        tz = ZoneInfo(zone.strip())
-    except (ZoneInfoNotFoundError, ValueError):
-        return f"timezone {zone!r} is not an IANA time zone name such as 'Europe/London'."
+    tz = zone(timezone)
+    if isinstance(tz, str):
+        return tz
     expression = " ".join(fields)
     try:
         first = next(CronSim(expression, datetime(2000, 1, 1)), None)
@@ -68,11 +76,13 @@ def next_after(rule: Rule, after: datetime) -> datetime | None:
     """The rule's first occurrence strictly after `after` (UTC), or None when it has no more
     (within cronsim's 50 years)."""
     wall = _wall(after, rule.zone)
-    if rule.zone.utcoffset(wall - MAX_SHIFT) == rule.zone.utcoffset(wall + MAX_SHIFT):
-        # No change of clocks nearby: local times and instants run in the same order.
-        for local in CronSim(rule.cron, wall):
-            return _instant(local, rule.zone)
+    first = next(CronSim(rule.cron, wall), None)
+    if first is None:
         return None
+    if _steady(wall, rule.zone) and _steady(first, rule.zone):
+        # No change of clocks near `after` nor near the next local time: the local times in
+        # between and around run in the same order as their instants.
+        return _instant(first, rule.zone)
     # Near a change, a later local time can be an earlier instant: look at every local time
     # that could land after `after`, and take the earliest instant.
     best: tuple[datetime, datetime] | None = None
@@ -92,6 +102,11 @@ def local_label(at: datetime, zone: ZoneInfo) -> str:
 
 def _wall(at: datetime, zone: ZoneInfo) -> datetime:
     return at.astimezone(zone).replace(tzinfo=None)
+
+
+def _steady(wall: datetime, zone: ZoneInfo) -> bool:
+    """Whether the clocks of `zone` keep one offset from MAX_SHIFT before `wall` to after it."""
+    return zone.utcoffset(wall - MAX_SHIFT) == zone.utcoffset(wall + MAX_SHIFT)
 
 
 def _instant(local: datetime, zone: ZoneInfo) -> datetime:

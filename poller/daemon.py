@@ -21,6 +21,7 @@ from pymongo.errors import PyMongoError
 
 from poller import __version__, log
 from poller.breaker import Breakers
+from poller.context import Memory
 from poller.counts import TickCounts
 from poller.events import Receiver
 from poller.metrics import EVENTS_PATH, Metrics
@@ -45,6 +46,9 @@ class Poller:
         self.servers = Servers.from_settings(settings)
         # WAHA's failures carry over from one tick to the next, for this process's lifetime.
         self.breakers = Breakers(self.store.timings.retry)
+        self.memory = Memory()
+        # Ticks of one process never overlap: a tick the scheduler starts while one runs waits.
+        self.tick_lock = threading.Lock()
         self.pacing = Pacing.from_settings(settings)
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
@@ -78,6 +82,7 @@ class Poller:
                 stop=stop,
                 breakers=self.breakers,
                 pacing=self.pacing,
+                memory=self.memory,
             )
         finally:
             self.tick_started = None
@@ -256,22 +261,26 @@ def run(settings: Settings) -> int:
 
         scheduler = BackgroundScheduler(timezone=UTC)
         wakeup = Wakeup(scheduler, "tick")
-        jobs: list[tuple[Callable[[], None], str, float]] = [
+        # A tick brought forward while one runs (a wake-up that raced the scheduler's own run)
+        # is a second instance, which waits for the first (`tick_lock`): never skipped, never
+        # overlapping. Two heartbeats never run at once.
+        jobs: list[tuple[Callable[[], None], str, float, int]] = [
             (
                 lambda: wakeup.run(lambda: _tick(poller, stop)),
                 "tick",
                 settings.poll_interval_seconds,
+                2,
             ),
-            (lambda: _heartbeat(poller), "heartbeat", settings.heartbeat_seconds),
+            (lambda: _heartbeat(poller), "heartbeat", settings.heartbeat_seconds, 1),
         ]
-        for job, job_id, seconds in jobs:
+        for job, job_id, seconds, instances in jobs:
             scheduler.add_job(
                 job,
                 "interval",
                 id=job_id,
                 seconds=seconds,
                 next_run_time=datetime.now(UTC),
-                max_instances=1,  # never two ticks (or two heartbeats) at once
+                max_instances=instances,
                 coalesce=True,  # after a long tick, run once, not once per missed interval
                 misfire_grace_time=None,
             )
@@ -303,8 +312,13 @@ def run(settings: Settings) -> int:
 
 def _tick(poller: Poller, stop: threading.Event) -> datetime | None:
     """One tick of `poller run`; when to tick next, if before the timer."""
-    if stop.is_set():
-        return None
+    with poller.tick_lock:
+        if stop.is_set():
+            return None
+        return _tick_once(poller, stop)
+
+
+def _tick_once(poller: Poller, stop: threading.Event) -> datetime | None:
     try:
         return poller.tick(stop).next_at
     except PyMongoError as exc:
@@ -337,7 +351,7 @@ class Wakeup:
         self._scheduler = scheduler
         self._job_id = job_id
         self._lock = threading.Condition()
-        self._running = False
+        self._running = 0  # runs of the job not yet reported over
         self._closed = False
         self._asked: datetime | None = None
         self._last_start = datetime.now(UTC)
@@ -356,7 +370,8 @@ class Wakeup:
         with self._lock:
             if self._closed:
                 return
-            self._running, self._last_start = True, datetime.now(UTC)
+            self._running += 1
+            self._last_start = datetime.now(UTC)
         next_at = None
         try:
             next_at = work()
@@ -370,10 +385,10 @@ class Wakeup:
         if event.job_id != self._job_id:
             return
         with self._lock:
-            self._running = False
-            if self._asked is not None and not self._closed:
+            self._running = max(0, self._running - 1)
+            if self._asked is not None and not self._closed and not self._running:
                 self._move(self._asked)
-            self._asked = None
+                self._asked = None
             self._lock.notify_all()
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ import re
 from collections.abc import Mapping
 from datetime import time
 from urllib.parse import urlsplit
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from poller import cron
 
 
 class ConfigError(Exception):
@@ -67,12 +68,10 @@ def cap(env: Mapping[str, str], name: str) -> int | None:
 
 def timezone(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
-    try:
-        ZoneInfo(raw)
-    except (ZoneInfoNotFoundError, ValueError):
+    if isinstance(cron.zone(raw), str):
         raise ConfigError(
             f"{name} must be an IANA time zone such as Europe/Rome or UTC, got {raw!r}"
-        ) from None
+        )
     return raw
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from bson import ObjectId
+from bson.errors import BSONError
 from loguru import logger
+from pymongo.errors import BulkWriteError, ConnectionFailure, PyMongoError, WriteError
 
 from poller import cron
 from poller.contract import (
@@ -30,6 +32,7 @@ from poller.contract import (
     show,
 )
 from poller.store import Doc, Store
+from poller.store.base import DUPLICATE_KEY
 from poller.store.definitions import NO
 
 # A campaign's status while its occurrence has not come, and when no poller ran at it.
@@ -41,6 +44,20 @@ MISSED_COUNTED = 10_000
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 # Fields a message of an occurrence takes from its definition as they are.
 PASSED_ON = ("session", "sessionId", "priority", "media")
+# What a value the web app wrote can raise on its way through a definition: a bad type or
+# range, the zone database (a region such as "Europe" is a folder: OSError), BSON, or a write
+# MongoDB refuses. The definition records it and the others go on. Anything else (a bug, a
+# crash) fails the tick, as before.
+BAD_DOCUMENT = (
+    ArithmeticError,
+    AttributeError,
+    LookupError,
+    OSError,
+    TypeError,
+    ValueError,
+    BSONError,
+    PyMongoError,
+)
 
 
 @dataclass
@@ -61,11 +78,58 @@ def materialise(store: Store, now: datetime, lead: timedelta, zone: ZoneInfo) ->
     more than the lookback window past as missed. `zone`: for definitions without a timezone."""
     found = Occurrences()
     for light in store.definitions.light():
-        if light.get("isActive") in NO:
-            _stopped(store, light, now)
-        else:
-            _definition(store, light, now, lead, zone, found)
+        try:
+            if light.get("isActive") in NO:
+                _stopped(store, light, now)
+            else:
+                _definition(store, light, now, lead, zone, found)
+        except BAD_DOCUMENT as exc:
+            if _unreachable(exc):
+                raise
+            _broken(store, light, exc)
     return found
+
+
+def _unreachable(exc: Exception) -> bool:
+    """MongoDB did not answer, or not in time: the tick fails as a MongoDB outage, and no
+    definition is blamed for it."""
+    return isinstance(exc, ConnectionFailure) or (isinstance(exc, PyMongoError) and exc.timeout)
+
+
+def _broken(store: Store, light: Doc, exc: Exception) -> None:
+    """Record why the definition raised. It has no next occurrence until it works again: it is
+    tried again at each tick, quietly while the reason stays the same (a refused write, once
+    accepted, still goes out within the lookback window)."""
+    reason = _reason(light, exc)
+    try:
+        _fail(store, light, reason, nothing_next=True)
+    except PyMongoError as again:
+        if _unreachable(again):
+            raise
+        logger.error(
+            "recurring schedule {} ({}): {}; and this could not be recorded on it: {}",
+            show(light.get("name")),
+            light["_id"],
+            reason,
+            str(again)[:200],
+        )
+
+
+def _reason(light: Doc, exc: Exception) -> str:
+    """What the definition raised, in a sentence that stays the same while the cause does (no
+    document ids: a refused write names MongoDB's own reason)."""
+    if isinstance(exc, WriteError | BulkWriteError):
+        details = exc.details or {}
+        # Of a batch, the first error that is not an `_id` written already (an earlier try).
+        errors = [e for e in details.get("writeErrors", []) if e.get("code") != DUPLICATE_KEY]
+        refused = errors[0] if errors else details
+        why = f"{refused.get('errmsg', exc)} (code {refused.get('code', exc.code)})"
+        return f"MongoDB refused a write for this definition: {why[:200]}."
+    rule = f"cron {show(light.get('cron'))}, timezone {show(light.get('timezone'))}"
+    return (
+        f"The poller could not use this definition ({rule}): "
+        f"{type(exc).__name__}: {str(exc)[:200]}."
+    )
 
 
 def _stopped(store: Store, light: Doc, now: datetime) -> None:
@@ -274,7 +338,9 @@ def _fail(store: Store, light: Doc, reason: str, nothing_next: bool = False) -> 
     occurrence until it is fixed."""
     unset = ("nextOccurrenceAt",) if nothing_next else ()
     if light.get("lastError") != reason or (nothing_next and "nextOccurrenceAt" in light):
-        logger.warning("recurring schedule {}: {}", show(light.get("name")), reason)
+        logger.warning(
+            "recurring schedule {} ({}): {}", show(light.get("name")), light["_id"], reason
+        )
         store.definitions.note(light["_id"], {"lastError": reason}, unset)
 
 

@@ -19,35 +19,38 @@ from poller.contract import (
     SENDING,
     UNKNOWN,
     Ready,
-    campaign_ref,
     prepare,
     session_name,
 )
 from poller.counts import TickCounts
+from poller.gate import Gate
 from poller.plan import cap_reason
 from poller.servers import lost, named, server_key
+from poller.settle import CANCELLED_DOUBT, CANCELLED_REASON
 from poller.store import BUSY, CAPPED, Doc, Store
 from poller.store.optouts import OPTED_OUT
-from poller.store.sweep import CANCELLED_DOUBT, CANCELLED_REASON
 from poller.waha import Outcome, Verdict, WahaClient
 
 # Sessions sent for side by side in one tick; more wait for the next round.
 MAX_PARALLEL_SESSIONS = 32
 
 
-def send_all(t: Context, batch: list[Doc], names: dict[str, str], counts: TickCounts) -> None:
+def send_all(
+    t: Context, batch: list[Doc], names: dict[str, str], gate: Gate, counts: TickCounts
+) -> None:
     """Send each session's messages in order, the sessions side by side: one session's
-    typing pauses and gaps do not hold up another's. `names`: session names by sessionId."""
+    typing pauses and gaps do not hold up another's. `names`: session names by sessionId;
+    `gate`: what may stop each message, as read when the batch was claimed."""
     lease_until = t.clock() + t.store.timings.lease  # as claimed, whenever a session's turn comes
     by_session: dict[str | None, list[Doc]] = {}
     for doc in batch:
         by_session.setdefault(session_name(doc, names), []).append(doc)
     if len(by_session) == 1:
-        _send_batch(t, batch, names, lease_until, counts)
+        _send_batch(t, batch, names, gate, lease_until, counts)
         return
     with ThreadPoolExecutor(min(len(by_session), MAX_PARALLEL_SESSIONS)) as pool:
         futures = [
-            pool.submit(_send_batch_apart, t, docs, names, lease_until)
+            pool.submit(_send_batch_apart, t, docs, names, gate, lease_until)
             for docs in by_session.values()
         ]
     errors = []
@@ -61,15 +64,20 @@ def send_all(t: Context, batch: list[Doc], names: dict[str, str], counts: TickCo
 
 
 def _send_batch_apart(
-    t: Context, batch: list[Doc], names: dict[str, str], lease_until: datetime
+    t: Context, batch: list[Doc], names: dict[str, str], gate: Gate, lease_until: datetime
 ) -> TickCounts:
     counts = TickCounts()
-    _send_batch(t, batch, names, lease_until, counts)
+    _send_batch(t, batch, names, gate, lease_until, counts)
     return counts
 
 
 def _send_batch(
-    t: Context, batch: list[Doc], names: dict[str, str], lease_until: datetime, counts: TickCounts
+    t: Context,
+    batch: list[Doc],
+    names: dict[str, str],
+    gate: Gate,
+    lease_until: datetime,
+    counts: TickCounts,
 ) -> None:
     messages, lease = t.store.messages, t.store.timings.lease
     for position, doc in enumerate(batch):
@@ -86,21 +94,23 @@ def _send_batch(
         if t.clock() > lease_until - lease / 2:
             lease_until = t.clock() + lease
             messages.extend(rest, lease_until)
+        if gate.stale():
+            gate = Gate.read(t.store, batch[position:], names)
         try:
-            _send_one(t, doc, names, counts)
+            _send_one(t, doc, names, gate, counts)
         except WriteError as exc:
             _unwritable(t.store, doc, exc, t.clock(), counts)
 
 
-def _send_one(t: Context, doc: Doc, names: dict[str, str], counts: TickCounts) -> None:
+def _send_one(t: Context, doc: Doc, names: dict[str, str], gate: Gate, counts: TickCounts) -> None:
     messages = t.store.messages
     ready = prepare(doc, names, t.store.sessions.collection.name)
     if isinstance(ready, str):
-        messages.finish(doc["_id"], FAILED, ready, t.clock())
+        messages.finish(doc["_id"], FAILED, ready, t.clock(), counts.stats)
         counts.failed += 1
         logger.warning("message {} failed: {}", doc["_id"], ready)
         return
-    if _stopped_campaign(t, doc, counts):
+    if _stopped_campaign(t, doc, gate, counts):
         return
     server = t.routes.server_of(ready.session)
     if server is None:  # claimed as taken over, or its server's listing was not known
@@ -109,8 +119,8 @@ def _send_one(t: Context, doc: Doc, names: dict[str, str], counts: TickCounts) -
         return
     if _moved_in_doubt(t, doc, ready, server, counts):
         return
-    if doc.get("optOutReply") is not True and t.store.optouts.has(ready.session, ready.chat_id):
-        messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock())
+    if gate.opted_out_of(ready.session, ready.chat_id, doc):
+        messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock(), counts.stats)
         counts.cancelled += 1
         logger.info("message {} not sent: {} opted out", doc["_id"], ready.chat_id)
         return
@@ -155,29 +165,29 @@ def _moved_in_doubt(t: Context, doc: Doc, ready: Ready, server: str, counts: Tic
         f"session '{ready.session}' is now on WAHA server '{server}': it was not sent again, "
         "so as not to deliver it twice. Check the chat before resending."
     )
-    t.store.messages.finish(doc["_id"], UNKNOWN, reason, t.clock())
+    t.store.messages.finish(doc["_id"], UNKNOWN, reason, t.clock(), counts.stats)
     counts.unknown += 1
     logger.warning("message {} outcome unknown: {}", doc["_id"], reason)
     return True
 
 
-def _stopped_campaign(t: Context, doc: Doc, counts: TickCounts) -> bool:
+def _stopped_campaign(t: Context, doc: Doc, gate: Gate, counts: TickCounts) -> bool:
     """Whether the message's campaign was cancelled or paused since the claim: it then ends
-    `cancelled`, or goes back to wait for the campaign to resume."""
-    campaign = doc.get("campaignId")
-    if not campaign_ref(campaign):
-        return False
-    status = t.store.campaigns.status(campaign)
+    `cancelled`, or goes back to wait, in its place, for the campaign to resume."""
+    status = gate.campaign_status(doc)
     if status == CANCELLED:
         if doc.get("inDoubt") is True:
-            t.store.messages.finish(doc["_id"], UNKNOWN, CANCELLED_DOUBT, t.clock())
+            t.store.messages.finish(doc["_id"], UNKNOWN, CANCELLED_DOUBT, t.clock(), counts.stats)
             counts.unknown += 1
         else:
-            t.store.messages.finish(doc["_id"], CANCELLED, CANCELLED_REASON, t.clock())
+            t.store.messages.finish(
+                doc["_id"], CANCELLED, CANCELLED_REASON, t.clock(), counts.stats
+            )
             counts.cancelled += 1
         return True
     if status == PAUSED:
-        counts.released += t.store.messages.release([doc["_id"]], unplan=True)
+        t.store.campaigns.mark_held(doc["campaignId"], t.clock())
+        counts.released += t.store.messages.release([doc["_id"]])
         return True
     return False
 
@@ -296,7 +306,7 @@ def _unwritable(store: Store, doc: Doc, exc: WriteError, now: datetime, counts: 
     status = FAILED
     try:
         status = UNKNOWN if store.messages.status_of(doc["_id"]) == SENDING else FAILED
-        store.messages.finish(doc["_id"], status, reason, now)
+        store.messages.finish(doc["_id"], status, reason, now, counts.stats)
     except PyMongoError as again:
         reason += f"; and it could not be marked {status}: {str(again)[:200]}"
     if status == UNKNOWN:
@@ -312,7 +322,7 @@ def _record(
     messages, now, message_id = t.store.messages, t.clock(), doc["_id"]
     counts.count_send(server, outcome.verdict.value)
     if outcome.verdict is Verdict.SENT:
-        if not messages.mark_sent(message_id, outcome.message_id, now):
+        if not messages.sent(message_id, outcome.message_id, now, counts.stats):
             logger.error(
                 "message {} was sent, but its document had changed: not recorded", message_id
             )
@@ -322,11 +332,11 @@ def _record(
             counts.lateness.append((now - scheduled).total_seconds())
         logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
     elif outcome.verdict is Verdict.FAILED:
-        messages.finish(message_id, FAILED, outcome.reason, now)
+        messages.finish(message_id, FAILED, outcome.reason, now, counts.stats)
         counts.failed += 1
         logger.warning("message {} failed: {}", message_id, outcome.reason)
     elif outcome.verdict is Verdict.UNKNOWN:
-        messages.finish(message_id, UNKNOWN, outcome.reason, now)
+        messages.finish(message_id, UNKNOWN, outcome.reason, now, counts.stats)
         counts.unknown += 1
         logger.warning("message {} outcome unknown: {}", message_id, outcome.reason)
     elif outcome.verdict is Verdict.REJECTED_KEY:

@@ -106,12 +106,12 @@ def build(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
         "sessions": _sessions(store, now, pacing),
         "messages": {
             "dueNow": store.plans.count_due(now),
-            "inProgress": store.messages.in_progress(),
+            "inProgress": store.plans.in_progress(),
             "scheduledLater": store.plans.later(now),
         },
         "last24h": {
-            **store.messages.outcomes_since(now - timedelta(hours=24)),
-            **store.messages.receipts_since(now - timedelta(hours=24)),
+            **store.plans.outcomes_since(now - timedelta(hours=24)),
+            **store.plans.receipts_since(now - timedelta(hours=24)),
             "optedOut": store.optouts.since(now - timedelta(hours=24)),
         },
         "optouts": store.optouts.latest(),

@@ -18,13 +18,11 @@ RETRY_DOUBLINGS = 3
 
 @dataclass(frozen=True)
 class Timings:
-    # A message more than this late when first seen is expired, never sent late.
+    # A message is never claimed nor sent more than this after its planned time (without pacing,
+    # its scheduledAt): its deadline. One first seen later than that expires at once.
     lookback: timedelta
     # How long a claim stays valid without renewal.
     lease: timedelta
-    # A claim is taken over only while its message is less late than this: a claim made at the
-    # end of the lookback window by a poller that died is still sent once it lapses.
-    takeover_limit: timedelta
     # The first retry's wait; later ones back off from it (`retry_delay`).
     retry: timedelta
     # How long a MongoDB command may take before it gives up.
@@ -54,7 +52,6 @@ class Timings:
         return cls(
             lookback=lookback,
             lease=lease,
-            takeover_limit=lookback + lease,
             retry=seconds(settings.retry_seconds),
             mongodb_timeout=seconds(settings.mongodb_timeout_seconds),
             tick_interval=seconds(settings.poll_interval_seconds),

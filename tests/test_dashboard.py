@@ -116,7 +116,8 @@ def test_log_in_watch_a_campaign_then_pause_resume_and_cancel_it(
         .inserted_id
     )
     now = utcnow()
-    chats = [f"4477{n:08d}@c.us" for n in range(12)]
+    # Long enough (a minute, paced) to be still running when the browser has logged in.
+    chats = [f"4477{n:08d}@c.us" for n in range(40)]
     store.messages.collection.insert_many(
         [
             message(now, chat_id=chat, campaignId=campaign, content=f"Offer {n}")

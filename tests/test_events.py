@@ -184,7 +184,7 @@ def test_an_optout_between_the_claim_and_the_send_is_honoured(
     store.messages.collection.insert_many(
         [message(now, chat_id="447700900001"), message(now, chat_id="447700900002")]
     )
-    take = store.messages.take
+    take = store.messages.claim
     events = receiver(store)
 
     def claim_then_opt_out(ids: list[Any], at: datetime) -> list[dict[str, Any]]:
@@ -193,7 +193,7 @@ def test_an_optout_between_the_claim_and_the_send_is_honoured(
             events.apply(message_event("447700900001@c.us", "STOP"))
         return claimed
 
-    monkeypatch.setattr(store.messages, "take", claim_then_opt_out)
+    monkeypatch.setattr(store.messages, "claim", claim_then_opt_out)
     counts = tick(store, client, 20, now=now)
     assert (counts.sent, counts.cancelled) == (1, 1)
     assert [m.chat_id for m in waha.sent] == ["447700900002@c.us"]

@@ -18,12 +18,12 @@ from loguru import logger
 from pymongo import MongoClient, monitoring
 from support import message, seconds, utcnow
 
-from poller import cli
+from poller import cli, gate
 from poller.daemon import Poller, Stop
 from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
-from poller.store.sweep import SETTLE_CHUNK
+from poller.store.messages import SETTLE_CHUNK
 from poller.testing.waha import WahaSimulator
 from poller.tick import tick
 from poller.timings import Timings
@@ -68,11 +68,11 @@ def test_a_tick_never_takes_back_its_own_claims_but_the_next_tick_does(store: St
     store.messages.collection.insert_many(
         [{**message(now, chat_id=chat(n)), "lane": "default", "plannedAt": now} for n in range(3)]
     )
-    ids = [d["_id"] for d in store.plans.due("default", now, 10)]
-    assert len(store.messages.take(ids, now)) == 3
+    ids = [d["_id"] for d in store.plans.planned(now, [], [], 10)]
+    assert len(store.messages.claim(ids, now)) == 3
     later = now + seconds(1)
-    assert store.messages.lapsed(later, now, 10) == [], "this tick's own claims"
-    lapsed = [d["_id"] for d in store.messages.lapsed(later, later, 10)]
+    assert store.plans.lapsed(later, now, 10) == [], "this tick's own claims"
+    lapsed = [d["_id"] for d in store.plans.lapsed(later, later, 10)]
     assert len(store.messages.take_over(lapsed, later, later)) == 3, "a failed tick's claims"
 
 
@@ -134,8 +134,9 @@ def test_a_backlog_of_late_messages_is_settled_in_chunks_and_never_holds_up_send
 
 
 def test_a_campaign_cancelled_mid_tick_sends_nothing_more(
-    store: Store, client: WahaClient, waha: WahaSimulator
+    store: Store, client: WahaClient, waha: WahaSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(gate, "FRESH", 0.0)  # the campaign's status read again before each send
     waha.latency = 0.2
     campaign = store.campaigns.collection.insert_one({"status": "running"}).inserted_id
     now = utcnow()

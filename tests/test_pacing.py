@@ -286,7 +286,7 @@ def test_an_error_after_the_send_still_paces_the_session(
     def refuse(*args: Any, **kwargs: Any) -> bool:
         raise WriteError("Document failed validation", 121)
 
-    monkeypatch.setattr(store.messages, "mark_sent", refuse)  # a schema validator refuses `sent`
+    monkeypatch.setattr(store.messages, "sent", refuse)  # a schema validator refuses `sent`
     counts = tick(store, client, 20, now=now, pacing=Pacing(10, 10))
 
     assert len(waha.sent) == 1, "the second message waits for the gap"
@@ -577,16 +577,17 @@ def test_a_cancelled_campaign_ends_its_unsent_messages_cancelled(
     # Another poller has claimed the next message and is about to send it.
     rival = Store.connect(make_settings())
     first = start + seconds(20)
-    [due] = rival.plans.due("default", first, 1)
-    [claimed] = rival.messages.take([due["_id"]], first)
+    waiting = [d for d in rival.plans.planned(first, [], [], 20) if not d.get("isPicked")]
+    [due] = [d for d in waiting if "retryAt" not in d][:1]
+    [claimed] = rival.messages.claim([due["_id"]], first)
 
     store.campaigns.collection.update_one({"_id": campaign}, {"$set": {"status": "cancelled"}})
     counts = tick(store, client, 20, now=start + seconds(21), pacing=pacing)
-
-    assert counts.cancelled == 5 and counts.sent == 0
-    assert rival.messages.start_sending(claimed["_id"], start + seconds(22), "default") is False, (
-        "seen: not sent"
-    )
+    assert counts.cancelled == 4 and counts.sent == 0
+    # The rival sees the cancellation before its send: its claim ends cancelled, not sent.
+    counts = tick(rival, client, 20, now=start + seconds(22), pacing=pacing)
+    assert counts.cancelled == 1 and counts.sent == 0
+    assert rival.messages.status_of(claimed["_id"]) == "cancelled"
     rival.close()
     ticks(store, client, pacing, start + seconds(3601))
     assert len(waha.sent) == 2

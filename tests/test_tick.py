@@ -11,8 +11,9 @@ from bson import ObjectId
 from support import message, seconds, utcnow
 
 from poller.settings import Settings
+from poller.stats import Tally
 from poller.store import Store
-from poller.store.plans import LANE_INDEX, NEW_INDEX
+from poller.store.plans import NEW_INDEX, QUEUE_INDEX
 from poller.testing.waha import Request, SentMessage, WahaSimulator, engine_error
 from poller.tick import TickCounts, tick
 from poller.waha import WahaClient
@@ -455,7 +456,10 @@ def test_a_message_deleted_after_its_claim_is_not_sent(
 
     assert counts.sent == 1 and [m.chat_id for m in waha.sent] == ["447700900001@c.us"]
     assert get(store, first)["status"] == "sent"
-    assert get(store, second)["isPicked"] is False and get(store, second)["isDeleted"] is True
+    # Done by the web app: out of the queue, with no status of the poller's.
+    deleted = get(store, second)
+    assert deleted["isPicked"] is True and deleted["isDeleted"] is True
+    assert "plannedAt" not in deleted and deleted.get("status") in (None, "pending")
 
 
 def test_plan_and_claim_queries_read_only_what_they_return(
@@ -478,15 +482,15 @@ def test_plan_and_claim_queries_read_only_what_they_return(
     new = message(now, chat_id="447700900999")
     store.messages.collection.insert_many([*sent, *later, due, new])
 
-    lane_query = {"lane": "default", "plannedAt": {"$lte": now}, "isPicked": {"$ne": True}}
-    new_query = {"lane": None, "isPicked": {"$ne": True}, "scheduledAt": {"$lte": now}}
-    for query, hint in ((lane_query, LANE_INDEX), (new_query, NEW_INDEX)):
+    queue_query = {"plannedAt": {"$lte": now}}
+    new_query = {"lane": None, "isPicked": {"$ne": True}, "scheduledAt": {"$not": {"$gt": now}}}
+    for query, hint in ((queue_query, QUEUE_INDEX), (new_query, NEW_INDEX)):
         explained = store.messages.collection.find(query).hint(hint).explain()
         text = str(explained["queryPlanner"]["winningPlan"])
         assert "IXSCAN" in text and "COLLSCAN" not in text
         assert explained["executionStats"]["totalDocsExamined"] == 1
-    assert [d["_id"] for d in store.plans.due("default", now, 5)] == [due["_id"]]
-    assert [d["_id"] for d in store.plans.new(now)] == [new["_id"]]
+    assert [d["_id"] for d in store.plans.planned(now, [], [], 5)] == [due["_id"]]
+    assert [d["_id"] for d in store.plans.unplanned(now, [])] == [new["_id"]]
 
 
 def test_claim_is_exclusive_between_two_pollers(
@@ -543,12 +547,12 @@ def test_a_claim_lost_between_find_and_update_is_not_taken(
 
         def update_many(self, *args: Any, **kwargs: Any) -> Any:
             if not rival_took:
-                rival_took.extend(rival.messages.take(ids, now))
+                rival_took.extend(rival.messages.claim(ids, now))
             return real.update_many(*args, **kwargs)
 
     store.messages.collection = RivalFirst()  # type: ignore[assignment]
     try:
-        taken = store.messages.take(ids, now)
+        taken = store.messages.claim(ids, now)
     finally:
         store.messages.collection = real
         rival.close()
@@ -565,11 +569,11 @@ def test_claims_of_a_dead_poller_are_taken_over(
     now = utcnow()
     message_id = add(
         store,
-        scheduled_at=now - seconds(200),
+        scheduled_at=now - seconds(100),
         isPicked=True,
         status="claimed",
         pickedBy="dead-poller",
-        pickedAt=now - seconds(200),
+        pickedAt=now - seconds(100),
         leaseUntil=now - seconds(1),
     )
     counts = run_tick(store, settings, now=now)
@@ -598,7 +602,7 @@ def test_claims_abandoned_too_long_expire_or_end_unknown_when_in_doubt(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
     now = utcnow()
-    limit = settings.lookback_seconds + settings.lease_seconds
+    limit = settings.lookback_seconds  # never sent more than the lookback window late
     dead = {"isPicked": True, "pickedBy": "dead-poller", "leaseUntil": now - seconds(1)}
     too_late = now - seconds(limit + 1)
     claimed = add(store, scheduled_at=too_late, status="claimed", **dead)
@@ -656,7 +660,8 @@ def test_claims_of_a_paused_session_are_not_taken_over(
     dead = {"isPicked": True, "pickedBy": "dead-poller", "leaseUntil": now - seconds(1)}
     message_id = add(store, scheduled_at=now, status="claimed", **dead)
     assert run_tick(store, settings, now=now).claimed == 0
-    assert get(store, message_id)["pickedBy"] == "dead-poller"
+    doc = get(store, message_id)  # back to wait, as planned
+    assert doc["isPicked"] is False and doc["status"] == "pending" and "pickedBy" not in doc
     waha.sessions["default"] = "WORKING"
     assert run_tick(store, settings, now=now + seconds(1)).sent == 1
 
@@ -763,7 +768,7 @@ def test_a_slow_send_given_up_as_unknown_still_records_its_success(
         pickedBy=store.owner,
         lastError="may or may not",
     )
-    assert store.messages.mark_sent(message_id, "true_x_1", now)
+    assert store.messages.sent(message_id, "true_x_1", now, Tally())
     doc = get(store, message_id)
     assert doc["status"] == "sent" and doc["isSent"] is True and doc["lastError"] is None
 

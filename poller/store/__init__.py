@@ -1,9 +1,10 @@
 """The MongoDB store: one connection, and one part per collection, each the one place for that
 collection's queries and indexes.
 
-    store.messages    the scheduled messages: claims, leases, outcomes
-    store.plans       the same collection: each session's lane of waiting messages, planned
-    store.sweeper     the same collection: settling what can no longer be sent
+    store.messages    the scheduled messages: every write that moves one (claims, leases,
+                      outcomes), the one home of a message's life
+    store.plans       the same collection: its reads (what waits in each session's lane, when
+                      it goes, what an operator counts)
     store.turns       one document per WhatsApp session: whose turn it is to send (pacing), its
                       plan's next free slot, why it cannot send
     store.campaigns   campaign pause/cancel flags, and their rolled-up stats
@@ -31,7 +32,6 @@ from poller.store.messages import Messages
 from poller.store.optouts import Optouts
 from poller.store.plans import Plans
 from poller.store.sessions import Sessions
-from poller.store.sweep import Sweeper
 from poller.store.turns import BUSY, CAPPED, TAKEN, Turns
 from poller.timings import Timings
 
@@ -47,10 +47,9 @@ class Store:
         db = client[settings.mongodb_db]
         self.db = db
         self.messages = Messages(db[settings.messages_collection], self.timings, self.owner)
-        self.plans = Plans(db[settings.messages_collection], self.timings)
+        self.plans = Plans(db[settings.messages_collection], self.timings, self.owner)
         self.turns = Turns(db[settings.pacing_collection], self.timings, self.owner)
-        self.sweeper = Sweeper(db[settings.messages_collection], self.timings, self.owner)
-        self.campaigns = Campaigns(db[settings.campaigns_collection], self.messages, self.sweeper)
+        self.campaigns = Campaigns(db[settings.campaigns_collection], self.messages.collection)
         self.sessions = Sessions(db[settings.sessions_collection])
         self.definitions = Definitions(db[settings.definitions_collection])
         self.optouts = Optouts(db[settings.optouts_collection])

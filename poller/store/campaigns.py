@@ -1,54 +1,95 @@
-"""Campaigns: the web app's pause and cancel flags, and the stats the poller rolls up."""
+"""Campaigns: the web app's pause and cancel flags, read once a tick, and the stats the poller
+keeps (`$inc` from the transitions, a full recount only when needed)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReturnDocument
 from pymongo.collection import Collection
 
 from poller.contract import CANCELLED, COMPLETED, PAUSED, id_variants
+from poller.stats import RECEIPTS, ended, recount_pipeline, stats_from
 from poller.store.base import Doc, create_index, insert_once
-from poller.store.messages import RECEIPTS, Messages
-from poller.store.sweep import SETTLE_CHUNK, Settled, Sweeper
 
 STATUS_INDEX = [("status", ASCENDING)]
-# An open campaign is recounted at least this often, whatever the ticks touched: the web app
-# may delete its last open message, and it must still complete.
+# Open campaigns: no completedAt (missing is null in an index).
+OPEN_INDEX = [("completedAt", ASCENDING)]
+# An open campaign is recounted at least this often: a crash between a message's outcome and
+# its campaign's count, or a message the web app removed, is repaired by then.
 RECOUNT_EVERY = timedelta(minutes=5)
-# Open campaigns recounted per tick, at most (each recount reads the campaign's messages).
+# Open campaigns recounted that way per tick, at most (each recount reads the campaign).
 RECOUNTS_PER_TICK = 5
 
 
+@dataclass
+class Flags:
+    """The open campaigns as a tick finds them, by what the poller does about each."""
+
+    # Paused, or paused when the poller last looked and not yet resumed by it: their messages
+    # are neither claimed nor expired.
+    held: list[Any] = field(default_factory=list)
+    newly_paused: list[Any] = field(default_factory=list)
+    resumed: list[Any] = field(default_factory=list)
+    cancelled: list[Any] = field(default_factory=list)
+    # Open campaigns the poller works on (they have stats).
+    working: list[Doc] = field(default_factory=list)
+
+
 class Campaigns:
-    def __init__(self, collection: Collection[Doc], messages: Messages, sweeper: Sweeper) -> None:
+    def __init__(self, collection: Collection[Doc], messages: Collection[Doc]) -> None:
         self.collection = collection
         self.messages = messages
-        self.sweeper = sweeper
 
     def ensure_indexes(self) -> None:
         create_index(self.collection, STATUS_INDEX, "poller_campaign_status")
+        create_index(self.collection, OPEN_INDEX, "poller_campaign_open")
 
-    def paused(self) -> list[Any]:
-        """The ids of the campaigns the web app paused."""
-        return [c["_id"] for c in self.collection.find({"status": PAUSED}, {"_id": 1})]
+    def flags(self) -> Flags:
+        """Every open campaign, in one read: which are paused, resumed, cancelled."""
+        found = self.collection.find(
+            {"completedAt": None, "status": {"$nin": list(COMPLETED)}},
+            {"status": 1, "heldAt": 1, "stats": 1, "recountedAt": 1, "eta": 1},
+            hint=OPEN_INDEX,
+        )
+        flags = Flags()
+        for campaign in found:
+            paused, held = campaign.get("status") == PAUSED, "heldAt" in campaign
+            if paused or held:
+                flags.held.append(campaign["_id"])
+            if paused and not held:
+                flags.newly_paused.append(campaign["_id"])
+            if held and not paused:
+                flags.resumed.append(campaign["_id"])
+            if campaign.get("status") == CANCELLED:
+                flags.cancelled.append(campaign["_id"])
+            if isinstance(campaign.get("stats"), dict):
+                flags.working.append(campaign)
+        return flags
 
-    def to_hold(self) -> list[Any]:
-        """Paused campaigns whose messages the poller has not taken out of the plan yet."""
-        query = {"status": PAUSED, "heldAt": {"$exists": False}}
-        return [c["_id"] for c in self.collection.find(query, {"_id": 1})]
+    def mark_held(self, campaign_id: Any, now: datetime) -> None:
+        """Note that the poller saw the campaign paused: its messages wait, never late."""
+        self.collection.update_one(
+            {"_id": {"$in": id_variants(campaign_id)}, "status": PAUSED, "heldAt": None},
+            {"$set": {"heldAt": now}},
+        )
 
-    def to_resume(self) -> list[Any]:
-        """Campaigns the poller held that are no longer paused (a cancelled one is settled)."""
-        query = {"heldAt": {"$exists": True}, "status": {"$nin": [PAUSED, CANCELLED]}}
-        return [c["_id"] for c in self.collection.find(query, {"_id": 1})]
+    def unhold(self, campaign_id: Any) -> None:
+        """The campaign's messages are planned again: it is no longer held."""
+        self.collection.update_one(
+            {"_id": campaign_id, "heldAt": {"$exists": True}, "status": {"$ne": PAUSED}},
+            {"$unset": {"heldAt": ""}},
+        )
 
-    def mark_held(self, campaign_id: Any, now: datetime | None) -> None:
-        """Note that the campaign's messages are out of the plan (`now`), or back in (None)."""
-        update = {"$set": {"heldAt": now}} if now else {"$unset": {"heldAt": ""}}
-        self.collection.update_one({"_id": campaign_id}, update)
+    def statuses(self, campaign_ids: list[Any]) -> dict[str, Any]:
+        """The status of each of these campaigns, by id as text."""
+        ids = [v for c in campaign_ids for v in id_variants(c)]
+        if not ids:
+            return {}
+        found = self.collection.find({"_id": {"$in": ids}}, {"status": 1})
+        return {str(c["_id"]): c.get("status") for c in found}
 
     def insert(self, campaign: Doc) -> bool:
         """Write a campaign (a recurring schedule's occurrence) unless its `_id` exists."""
@@ -59,66 +100,56 @@ class Campaigns:
         found = self.collection.find_one({"_id": {"$in": id_variants(campaign_id)}}, {"status": 1})
         return (found or {}).get("status")
 
-    def cancel(self, now: datetime, budget: int = SETTLE_CHUNK) -> Settled:
-        """End the unsent messages of each campaign the web app cancelled and the poller has not
-        finished with: `cancelled` (`unknown` where an earlier attempt may have reached
-        WhatsApp), up to `budget` messages. Every such campaign is in `campaigns`."""
-        settled = Settled()
-        open_cancelled = {"status": CANCELLED, "completedAt": {"$exists": False}}
-        for campaign in self.collection.find(open_cancelled, {"_id": 1}):
-            settled.campaigns.append(campaign["_id"])
-            if not settled.more:
-                self.sweeper.cancel_unsent(campaign["_id"], now, settled, budget)
-        return settled
+    # -- stats -----------------------------------------------------------------------------------
 
-    def to_recount(self, now: datetime) -> list[Any]:
-        """Open campaigns the poller has worked on and not recounted for RECOUNT_EVERY."""
-        stale = {
-            "status": {"$nin": list(COMPLETED)},
-            "completedAt": {"$exists": False},
-            "stats": {"$exists": True},
-            "$or": [
-                {"recountedAt": {"$exists": False}},
-                {"recountedAt": {"$lt": now - RECOUNT_EVERY}},
-            ],
-        }
-        found = self.collection.find(stale, {"_id": 1}).sort("recountedAt", 1)
-        return [c["_id"] for c in found.limit(RECOUNTS_PER_TICK)]
-
-    def rollup(self, campaign_ids: Iterable[Any], now: datetime) -> None:
-        """Recount each campaign; mark it completed once none of its messages can still be sent.
-        A cancelled campaign keeps its status and gets `completedAt` once nothing is in flight."""
-        for campaign_id in campaign_ids:
-            stats, eta = self.messages.campaign_stats(campaign_id)
-            ended = stats["sent"] + stats["failed"] + stats["expired"] + stats["cancelled"]
-            done = "completed" if stats["sent"] == stats["total"] else "completed_with_failures"
-            fields: Doc = {"stats": stats, "recountedAt": now, "eta": eta}
-            if ended == stats["total"] > 0:
-                cancelled = {"$eq": ["$status", CANCELLED]}
-                fields["status"] = {"$cond": [cancelled, CANCELLED, done]}
-                fields["completedAt"] = now
-            # A finished campaign's numbers were final when it finished: never overwrite them.
-            unfinished = {
+    def add(self, campaign_id: Any, change: dict[str, int]) -> dict[str, Any] | None:
+        """Add `change` to an open campaign's stats (one `$inc`); its stats after, or None when
+        it has none yet (or has finished, or does not exist)."""
+        found = self.collection.find_one_and_update(
+            {
                 "_id": {"$in": id_variants(campaign_id)},
-                "status": {"$nin": list(COMPLETED)},
-                "completedAt": {"$exists": False},
-            }
-            self.collection.update_one(unfinished, [{"$set": fields}])
-            if stats["total"] == 0:  # a cancelled campaign without messages is done too
-                self.collection.update_one(
-                    {**unfinished, "status": CANCELLED}, {"$set": {"completedAt": now}}
-                )
+                "stats": {"$type": "object"},
+                **_unfinished(),
+            },
+            {"$inc": {f"stats.{name}": n for name, n in change.items()}},
+            {"stats": 1},
+            return_document=ReturnDocument.AFTER,
+        )
+        return found.get("stats") if found else None
 
-    def count_receipts(self, campaign_ids: Iterable[Any]) -> None:
+    def recount(self, campaign_id: Any, now: datetime) -> bool:
+        """Count an open campaign's messages afresh; complete it when none of them can still be
+        sent (a cancelled one keeps its status). True when it completed."""
+        rows = list(self.messages.aggregate(recount_pipeline(campaign_id)))
+        stats, still_open, eta = stats_from(rows)
+        fields: Doc = {"stats": stats, "recountedAt": now, "eta": eta}
+        if still_open == 0:
+            done = "completed" if stats["sent"] == stats["total"] else "completed_with_failures"
+            cancelled = {"$eq": ["$status", CANCELLED]}
+            fields["status"] = {"$cond": [cancelled, CANCELLED, done]}
+            fields["completedAt"] = now
+        result = self.collection.update_one(
+            {"_id": {"$in": id_variants(campaign_id)}, **_unfinished()}, [{"$set": fields}]
+        )
+        return still_open == 0 and result.modified_count == 1
+
+    def set_eta(self, campaign_id: Any, eta: datetime | None) -> None:
+        self.collection.update_one(
+            {"_id": campaign_id, "eta": {"$ne": eta}, **_unfinished()}, {"$set": {"eta": eta}}
+        )
+
+    def count_receipts(self, campaign_ids: Any) -> None:
         """Recount the delivery receipts of each campaign (`stats.delivered`, `.read`,
         `.deliveryFailed`), finished or not: receipts arrive after the sends."""
         for campaign_id in campaign_ids:
-            stats, _ = self.messages.campaign_stats(campaign_id)
+            stats, _, _ = stats_from(list(self.messages.aggregate(recount_pipeline(campaign_id))))
             fields = {f"stats.{name}": stats[name] for name in RECEIPTS}
             self.collection.update_one(
                 {"_id": {"$in": id_variants(campaign_id)}, "stats": {"$exists": True}},
                 {"$set": fields},
             )
+
+    # -- the dashboard and `poller status` -------------------------------------------------------
 
     def control(self, campaign_id: Any, status: str, now: datetime) -> bool:
         """Set a campaign's `status` as the web app does: `paused` (one not paused), `running`
@@ -139,6 +170,21 @@ class Campaigns:
         (which acts on these)."""
         found = self.collection.find(_open(), {"name": 1, "status": 1, "stats": 1, "eta": 1})
         return list(found.limit(limit))
+
+
+def due_recount(campaign: Doc, now: datetime) -> bool:
+    """Whether an open campaign was last recounted more than RECOUNT_EVERY ago."""
+    at = campaign.get("recountedAt")
+    return not isinstance(at, datetime) or at < now - RECOUNT_EVERY
+
+
+def complete(stats: dict[str, Any]) -> bool:
+    """Whether the counts say every message of the campaign ended (a recount confirms)."""
+    return ended(stats) >= int(stats.get("total") or 0)
+
+
+def _unfinished() -> Doc:
+    return {"status": {"$nin": list(COMPLETED)}, "completedAt": {"$exists": False}}
 
 
 def _open() -> Doc:

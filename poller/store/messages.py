@@ -1,8 +1,19 @@
-"""The scheduled messages: claims as leases, outcomes, and what an operator counts. Every query
-on the messages collection is built here or in `plans` (what waits, and when it goes).
+"""Every write that moves a message from one state to the next: the one home of a message's life.
 
-`claimed` and `sending` are leases: `pickedBy` owns them until `leaseUntil`. A claimed message
-keeps its `plannedAt` until it ends, so a release puts it back where it was in its lane.
+    new ──plan──> waiting ──claim──> claimed ──start──> sending ──> sent | failed | unknown
+                    ^                   │                  │
+                    └──── release ──────┘ (retry, a turn)  └─ its poller went away: taken
+                                                              over, or unknown
+    new, or waiting, past its deadline ──> expired (unknown, where it may have reached WhatsApp)
+    waiting when its campaign is cancelled ──> cancelled;  marked done by the web app ──> retired
+
+A message waits with a `lane` (its WhatsApp session) and a `plannedAt`, and its deadline is
+`plannedAt` plus the lookback window: it is never claimed nor sent after it. Pause and opt-outs
+are filters where messages are read and sent, not states: a paused message keeps its place.
+
+Each write is guarded: a claim re-checks its condition inside the update, and every later step
+matches its owner (`pickedBy`), so of two pollers exactly one moves a message. Each write that
+ends a message counts it in `stats` (a `Tally`), which the campaigns roll up with one `$inc`.
 """
 
 from __future__ import annotations
@@ -11,40 +22,65 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING
+from loguru import logger
+from pymongo import ASCENDING, ReturnDocument, UpdateOne
 from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError, WriteError
 
 from poller.contract import (
-    CANCELLED,
     CLAIMED,
-    EXPIRED,
-    FAILED,
-    FINAL,
+    NOT_DONE,
     PENDING,
     RETRY,
     SENDING,
     SENT,
     UNKNOWN,
-    YES,
     campaign_ref,
-    id_variants,
+    done,
 )
+from poller.stats import Tally
 from poller.store.base import Doc, create_index, insert_once
 from poller.timings import Timings
 
-NOT_DONE = {"isSent": {"$nin": YES}, "isDeleted": {"$nin": YES}}
 # Key patterns, hinted by pattern so an identical index the web app made under another name serves.
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
-CAMPAIGN_INDEX = [("campaignId", ASCENDING)]
+CAMPAIGN_INDEX = [("campaignId", ASCENDING), ("isPicked", ASCENDING), ("plannedAt", ASCENDING)]
 RECEIPT_INDEX = [("wahaMessageId", ASCENDING)]
 # Acks as WAHA numbers them: -1 ERROR, 0 PENDING, 1 SERVER, 2 DEVICE, 3 READ, 4 PLAYED.
 DELIVERED, READ, ACK_ERROR = 2, 3, -1
-# A campaign's counts of its messages' receipts, in `stats`.
-RECEIPTS = ("delivered", "read", "deliveryFailed")
 DELIVERY_ERROR = "WhatsApp reported that it could not deliver the message (ack -1, ERROR)."
-Hint = list[tuple[str, int]]
-# Fields a claim's outcome removes: it no longer waits, nor holds a lease.
-ENDED = {"leaseUntil": "", "retryAt": "", "inDoubt": "", "heldUntil": "", "plannedAt": ""}
+# The most messages one write ends: each write stays well inside MONGODB_TIMEOUT_SECONDS.
+SETTLE_CHUNK = 200
+# Fields an outcome removes: the message no longer waits, nor holds a lease.
+ENDED = ["leaseUntil", "retryAt", "heldUntil", "plannedAt"]
+UNPICKED = {"isPicked": {"$ne": True}}
+# What every step needs to know of a message it read.
+FIELDS = {
+    "session": 1,
+    "sessionId": 1,
+    "campaignId": 1,
+    "chatId": 1,
+    "scheduledAt": 1,
+    "heldUntil": 1,
+    "plannedAt": 1,
+    "priority": 1,
+    "content": 1,
+    "retryAt": 1,
+    "isSent": 1,
+    "isDeleted": 1,
+    "isPicked": 1,
+    "lane": 1,
+    "status": 1,
+    "inDoubt": 1,
+    "sendId": 1,
+    "leaseUntil": 1,
+    "pickedBy": 1,
+    "pickedAt": 1,
+    "lastError": 1,
+    "attempts": 1,
+    "optOutReply": 1,
+    "wahaServer": 1,
+}
 
 
 class Messages:
@@ -54,9 +90,9 @@ class Messages:
         self.owner = owner
 
     def ensure_indexes(self) -> None:
-        """The indexes of the lease sweep and the rollup (`plans` makes those of the plan)."""
+        """The indexes of leases, campaigns and receipts (`queue` makes those of the plan)."""
         create_index(self.collection, LEASE_INDEX, "poller_lease", sparse=True)
-        create_index(self.collection, CAMPAIGN_INDEX, "poller_campaign", sparse=True)
+        create_index(self.collection, CAMPAIGN_INDEX, "poller_campaign_queue")
         create_index(self.collection, RECEIPT_INDEX, "poller_receipt", sparse=True)
 
     def insert(self, docs: list[Doc]) -> int:
@@ -66,59 +102,78 @@ class Messages:
             insert_once(self.collection, docs[i : i + 1000]) for i in range(0, len(docs), 1000)
         )
 
-    def acknowledge(self, waha_message_id: str, ack: int, at: datetime) -> Doc | None:
-        """Record a delivery receipt on the message WAHA knows as `waha_message_id`: `ack`
-        only ever rises; `deliveredAt` and `readAt` are the first times it reached 2 and 3; an
-        ack of -1 notes `deliveryError` (its status stays `sent`). Any order, any repeat, the
-        same result. The message (its `campaignId`), or None when no message has that id."""
-        fields: Doc = {"ack": {"$max": ["$ack", ack]}}
-        if ack >= DELIVERED:
-            fields["deliveredAt"] = {"$ifNull": ["$deliveredAt", at]}
-        if ack >= READ:
-            fields["readAt"] = {"$ifNull": ["$readAt", at]}
-        if ack == ACK_ERROR:
-            fields["deliveryError"] = {"$ifNull": ["$deliveryError", DELIVERY_ERROR]}
-        return self.collection.find_one_and_update(
-            {"wahaMessageId": waha_message_id},
-            [{"$set": fields}],
-            {"campaignId": 1},
-            hint=RECEIPT_INDEX,
+    # -- planned ---------------------------------------------------------------------------------
+
+    def plan(self, rows: Iterable[tuple[Any, Doc]]) -> int:
+        """Put new messages in their lanes: (id, {lane, priority, plannedAt, lastError?}). A
+        message another poller planned first keeps that plan. How many this poller planned."""
+        ops = [UpdateOne({"_id": i, "lane": None, **UNPICKED}, {"$set": f}) for i, f in rows]
+        return self._bulk(ops, "planned")
+
+    def replan(self, times: Iterable[tuple[Any, datetime]], reason: str | None = None) -> int:
+        """Plan waiting messages again: (id, new plannedAt); `reason` goes into lastError."""
+        ops = []
+        for message_id, at in times:
+            fields: Doc = {"plannedAt": at}
+            if reason is not None:
+                fields["lastError"] = reason
+            ops.append(
+                UpdateOne({"_id": message_id, "lane": {"$ne": None}, **UNPICKED}, {"$set": fields})
+            )
+        return self._bulk(ops, "planned again")
+
+    def note(self, ids: list[Any], reason: str) -> None:
+        """Say in lastError why these waiting messages wait (once per reason)."""
+        if ids:
+            self.collection.update_many(
+                {"_id": {"$in": ids}, **UNPICKED, "lastError": {"$ne": reason}},
+                {"$set": {"lastError": reason}},
+            )
+
+    def forget(self, message_ids: list[Any]) -> None:
+        """Unplan messages the web app rescheduled to later: planned again once due."""
+        if message_ids:
+            self.collection.update_many(
+                {"_id": {"$in": message_ids}, **UNPICKED},
+                {"$unset": {"plannedAt": "", "lane": ""}},
+            )
+
+    def retire(self, docs: list[Doc], tally: Tally) -> None:
+        """Take messages the web app marked sent or deleted out of the queue (`isPicked`); their
+        campaigns are recounted, since what the web app did is not a transition of ours."""
+        ids = [d["_id"] for d in docs if done(d)]
+        if not ids:
+            return
+        self.collection.update_many(
+            {"_id": {"$in": ids}, **UNPICKED},
+            {"$set": {"isPicked": True}, "$unset": {f: "" for f in ENDED}},
         )
+        tally.recount(d.get("campaignId") for d in docs)
 
-    # -- claims ---------------------------------------------------------------------------------
+    # -- claimed ---------------------------------------------------------------------------------
 
-    def taken_over(self, now: datetime, since: datetime) -> Doc:
-        """Claims to take over while their message is less than `takeover_limit` late.
-
-        A send in flight is taken over only under its pre-generated WAHA message id: sent again
-        under the same id, WAHA delivers it at most once.
-        """
-        return {
-            "$and": [
-                gone(self.owner, now, since),
-                {"$or": [{"status": CLAIMED}, {"status": SENDING, "sendId": {"$type": "string"}}]},
-                _due_from(now - self.timings.takeover_limit),
-            ],
-            **NOT_DONE,
-        }
-
-    def lapsed(self, now: datetime, since: datetime, limit: int) -> list[Doc]:
-        """Claims whose poller went away, to take over (at most `limit`), in lease order."""
-        query = self.taken_over(now, since)
-        fields = {"session": 1, "sessionId": 1}
-        return list(self.collection.find(query, fields, hint=LEASE_INDEX, limit=limit))
-
-    def take_over(self, ids: list[Any], now: datetime, since: datetime) -> list[Doc]:
-        """Take over these claims (of `lapsed`), where they are still lapsed."""
-        return self._take(self.taken_over(now, since), ids, now)
-
-    def take(self, ids: list[Any], now: datetime) -> list[Doc]:
-        """Claim these waiting messages; those another poller claimed first are not returned.
+    def claim(self, ids: list[Any], now: datetime) -> list[Doc]:
+        """Claim these waiting messages while they are still before their deadline; those
+        another poller claimed first, or the web app marked done meanwhile, are not returned.
 
         Each document is taken by one conditional update, so of two pollers racing for it
         exactly one wins; the other's update simply does not match.
         """
-        query = {"isPicked": {"$ne": True}, "plannedAt": {"$exists": True}, **NOT_DONE}
+        query = {**UNPICKED, **in_time(now - self.timings.lookback), **NOT_DONE}
+        return self._take(query, ids, now)
+
+    def take_over(self, ids: list[Any], now: datetime, since: datetime) -> list[Doc]:
+        """Take over claims whose poller went away (`gone`) while before their deadline. A send
+        in flight is taken over only under its pre-generated WAHA message id: sent again under
+        the same id, WAHA delivers it at most once."""
+        query = {
+            "$and": [
+                gone(self.owner, now, since),
+                {"$or": [{"status": CLAIMED}, {"status": SENDING, "sendId": {"$type": "string"}}]},
+            ],
+            **in_time(now - self.timings.lookback),
+            **NOT_DONE,
+        }
         return self._take(query, ids, now)
 
     def _take(self, query: Doc, ids: list[Any], now: datetime) -> list[Doc]:
@@ -143,7 +198,8 @@ class Messages:
             ],
         )
         mine = {"_id": {"$in": ids}, "pickedBy": self.owner, "status": CLAIMED, "pickedAt": now}
-        return sorted(self.collection.find(mine), key=lambda d: ids.index(d["_id"]))
+        order = {message_id: n for n, message_id in enumerate(ids)}
+        return sorted(self.collection.find(mine), key=lambda d: order[d["_id"]])
 
     def extend(self, message_ids: Iterable[Any], until: datetime) -> None:
         """Renew the lease on claims this poller still holds."""
@@ -152,68 +208,16 @@ class Messages:
             {"$set": {"leaseUntil": until}},
         )
 
-    # -- one message's life ---------------------------------------------------------------------
-
-    def start_sending(
-        self, message_id: Any, now: datetime, server: str, send_id: str | None = None
-    ) -> bool:
-        """Mark a claimed message as in flight through WAHA `server`, with the WAHA message id
-        it will be sent under (kept for every retry); False when it is no longer ours, or was
-        deleted."""
-        fields: Doc = {
-            "status": SENDING,
-            "leaseUntil": now + self.timings.send_lease,
-            "wahaServer": server,
-        }
-        if send_id:
-            fields["sendId"] = send_id
-        result = self.collection.update_one(
-            {"_id": message_id, "pickedBy": self.owner, "status": CLAIMED, **NOT_DONE},
-            {"$set": fields, "$inc": {"attempts": 1}},
-        )
-        return result.modified_count == 1
-
-    def mark_sent(self, message_id: Any, waha_message_id: str | None, now: datetime) -> bool:
-        # `unknown` too: a slow send that another poller gave up on did go out after all.
-        result = self.collection.update_one(
-            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}},
-            {
-                "$set": {
-                    "status": SENT,
-                    "isSent": True,
-                    "sentAt": now,
-                    "wahaMessageId": waha_message_id,
-                    "lastError": None,
-                },
-                "$unset": ENDED,
-            },
-        )
-        return result.modified_count == 1
-
-    def finish(self, message_id: Any, status: str, reason: str, now: datetime) -> None:
-        """End a message this poller holds as `failed`, `unknown` or `cancelled`, with why."""
-        self.collection.update_one(
-            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
-            {
-                "$set": {"status": status, "finishedAt": now, "lastError": reason},
-                "$unset": {k: v for k, v in ENDED.items() if k != "inDoubt"},
-            },
-        )
-
-    def status_of(self, message_id: Any) -> Any:
-        return (self.collection.find_one({"_id": message_id}, {"status": 1}) or {}).get("status")
-
     def release(
         self,
         message_ids: Iterable[Any],
         reason: str | None = None,
         retry_at: datetime | None = None,
         in_doubt: bool = False,
-        unplan: bool = False,
     ) -> int:
         """Give claims back: they wait in their lanes again, as planned (and not before
         `retry_at`, when given). `in_doubt`: the last attempt may have reached WhatsApp (it
-        timed out). `unplan`: they wait with no plan (their campaign was paused)."""
+        timed out)."""
         ids = list(message_ids)
         if not ids:
             return 0
@@ -224,83 +228,196 @@ class Messages:
             fields["lastError"] = reason
         if retry_at is not None:
             fields["retryAt"] = retry_at
-        unset = {"pickedBy": "", "leaseUntil": "", **({"plannedAt": ""} if unplan else {})}
         result = self.collection.update_many(
             {"_id": {"$in": ids}, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
-            {"$set": fields, "$unset": unset},
+            {"$set": fields, "$unset": {"pickedBy": "", "leaseUntil": ""}},
         )
         return result.modified_count
 
-    # -- what an operator sees ------------------------------------------------------------------
-
-    def in_progress(self) -> int:
-        return self.collection.count_documents({"status": {"$in": [CLAIMED, SENDING]}})
-
-    def outcomes_since(self, since: datetime) -> dict[str, int]:
-        """How many messages ended in each final status since `since`."""
-        ended = {"$or": [{"sentAt": {"$gte": since}}, {"finishedAt": {"$gte": since}}]}
-        rows = self.collection.aggregate(
-            [{"$match": ended}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+    def give_back(self, ids: list[Any], now: datetime, since: datetime) -> int:
+        """Put claims whose poller went away back to wait, as planned (their campaign is
+        paused, or their session cannot send now)."""
+        if not ids:
+            return 0
+        result = self.collection.update_many(
+            {"_id": {"$in": ids}, "status": CLAIMED, **gone(self.owner, now, since)},
+            {
+                "$set": {"isPicked": False, "status": PENDING},
+                "$unset": {"pickedBy": "", "leaseUntil": ""},
+            },
         )
-        by_status = {row["_id"]: row["n"] for row in rows}
-        return {status: by_status.get(status, 0) for status in FINAL}
+        return result.modified_count
 
-    def receipts_since(self, since: datetime) -> dict[str, int]:
-        """How many messages were delivered, and read, since `since` (their receipts)."""
-        return {
-            "delivered": self.collection.count_documents({"deliveredAt": {"$gte": since}}),
-            "read": self.collection.count_documents({"readAt": {"$gte": since}}),
+    # -- sending, and its outcome ---------------------------------------------------------------
+
+    def start_sending(
+        self, message_id: Any, now: datetime, server: str, send_id: str | None = None
+    ) -> bool:
+        """Mark a claimed message as in flight through WAHA `server`, with the WAHA message id
+        it will be sent under (kept for every retry); False when it is no longer ours, was
+        marked done, or is past its deadline: it is then not sent."""
+        fields: Doc = {
+            "status": SENDING,
+            "leaseUntil": now + self.timings.send_lease,
+            "wahaServer": server,
         }
-
-    def campaign_stats(self, campaign_id: Any) -> tuple[dict[str, int], datetime | None]:
-        """A campaign's messages by outcome (deleted ones do not count), and the planned time
-        of its last waiting message: when it should be done."""
-        deleted = {"$eq": ["$isDeleted", True]}
-        rows = list(
-            self.collection.aggregate(
-                [
-                    {"$match": {"campaignId": {"$in": id_variants(campaign_id)}}},
-                    {
-                        "$group": {
-                            "_id": {
-                                "$cond": [deleted, "deleted", {"$ifNull": ["$status", PENDING]}]
-                            },
-                            "n": {"$sum": 1},
-                            "last": {"$max": "$plannedAt"},
-                            "delivered": {"$sum": {"$cond": [{"$gte": ["$ack", DELIVERED]}, 1, 0]}},
-                            "read": {"$sum": {"$cond": [{"$gte": ["$ack", READ]}, 1, 0]}},
-                            "deliveryFailed": {
-                                "$sum": {"$cond": [{"$gt": ["$deliveryError", None]}, 1, 0]}
-                            },
-                        }
-                    },
-                ]
-            )
+        if send_id:
+            fields["sendId"] = send_id
+        result = self.collection.update_one(
+            {
+                "_id": message_id,
+                "pickedBy": self.owner,
+                "status": CLAIMED,
+                **in_time(now - self.timings.lookback),
+                **NOT_DONE,
+            },
+            {"$set": fields, "$inc": {"attempts": 1}},
         )
-        by_status = {row["_id"]: row["n"] for row in rows}
-        total = sum(n for status, n in by_status.items() if status != "deleted")
-        planned = [
-            row["last"]
-            for row in rows
-            if row["_id"] not in (*FINAL, "deleted") and isinstance(row["last"], datetime)
+        return result.modified_count == 1
+
+    def sent(
+        self, message_id: Any, waha_message_id: str | None, now: datetime, tally: Tally
+    ) -> bool:
+        """Record that WAHA accepted the message. `unknown` too: a slow send that another
+        poller gave up on did go out after all."""
+        fields = {
+            "status": SENT,
+            "isSent": True,
+            "sentAt": now,
+            "wahaMessageId": waha_message_id,
+            "lastError": None,
+        }
+        before = self.collection.find_one_and_update(
+            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}},
+            {"$set": fields, "$unset": {f: "" for f in [*ENDED, "inDoubt"]}},
+            {"status": 1, "campaignId": 1},
+            return_document=ReturnDocument.BEFORE,
+        )
+        if before is None:
+            return False
+        tally.moved(before.get("campaignId"), before.get("status"), SENT)
+        return True
+
+    def finish(
+        self, message_id: Any, status: str, reason: str, now: datetime, tally: Tally
+    ) -> bool:
+        """End a message this poller holds as `failed`, `unknown` or `cancelled`, with why."""
+        before = self.collection.find_one_and_update(
+            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
+            {
+                "$set": {"status": status, "finishedAt": now, "lastError": reason},
+                "$unset": {f: "" for f in ENDED},
+            },
+            {"status": 1, "campaignId": 1},
+            return_document=ReturnDocument.BEFORE,
+        )
+        if before is None:
+            return False
+        tally.moved(before.get("campaignId"), before.get("status"), status)
+        return True
+
+    def status_of(self, message_id: Any) -> Any:
+        return (self.collection.find_one({"_id": message_id}, {"status": 1}) or {}).get("status")
+
+    # -- settled in bulk -------------------------------------------------------------------------
+
+    def end(
+        self,
+        docs: list[Doc],
+        where: Doc,
+        outcome: tuple[str, str | Doc],
+        now: datetime,
+        tally: Tally,
+    ) -> int:
+        """End these messages (read by the caller) as `outcome` (status, reason), where they
+        still match `where`: one write per campaign, so that each campaign's count is exact.
+        The reason keeps what the message waited for, or its last attempt's error, after it.
+        A document MongoDB refuses to change (a validator) is ended alone, or logged."""
+        by_campaign: dict[str, list[Doc]] = {}
+        for doc in docs:
+            by_campaign.setdefault(_key(doc.get("campaignId")), []).append(doc)
+        status, reason = outcome
+        ended = 0
+        chunks = [
+            group[i : i + SETTLE_CHUNK]
+            for group in by_campaign.values()
+            for i in range(0, len(group), SETTLE_CHUNK)
         ]
-        stats = {
-            "total": total,
-            "sent": by_status.get(SENT, 0),
-            # Unknown outcomes count as failed: delivery was never confirmed.
-            "failed": by_status.get(FAILED, 0) + by_status.get(UNKNOWN, 0),
-            "expired": by_status.get(EXPIRED, 0),
-            "unknown": by_status.get(UNKNOWN, 0),
-            "cancelled": by_status.get(CANCELLED, 0),
-        }
-        for receipt in RECEIPTS:
-            stats[receipt] = sum(row[receipt] for row in rows if row["_id"] != "deleted")
-        return stats, max(planned, default=None)
+        for group in chunks:
+            ids = [d["_id"] for d in group]
+            try:
+                n = self._end({"_id": {"$in": ids}, **where}, status, reason, now)
+            except WriteError:
+                n = sum(self._end_alone(d["_id"], where, status, reason, now) for d in group)
+            ended += n
+            campaign = group[0].get("campaignId")
+            for _ in range(n):
+                tally.moved(campaign, None, status)
+        return ended
 
+    def _end_alone(
+        self, message_id: Any, where: Doc, status: str, reason: str | Doc, now: datetime
+    ) -> int:
+        try:
+            return self._end({"_id": message_id, **where}, status, reason, now)
+        except WriteError as exc:
+            logger.error(
+                "message {} could not be marked {}: {}", message_id, status, str(exc)[:200]
+            )
+            return 0
 
-def campaign_ids(values: Iterable[Any]) -> set[Any]:
-    """Campaign references that can name a campaign; anything else is not rolled up."""
-    return {v for v in values if campaign_ref(v)}
+    def _end(self, query: Doc, status: str, reason: str | Doc, now: datetime) -> int:
+        attempted = {"$gt": [{"$ifNull": ["$attempts", 0]}, 0]}
+        said = {"$cond": [attempted, " Last attempt: ", " It was waiting: "]}
+        last = {"$concat": [reason, said, {"$toString": "$lastError"}]}
+        result = self.collection.update_many(
+            query,
+            [
+                {
+                    "$set": {
+                        "isPicked": True,
+                        "status": status,
+                        "finishedAt": now,
+                        "lastError": {
+                            "$cond": [{"$eq": [{"$type": "$lastError"}, "string"]}, last, reason]
+                        },
+                    }
+                },
+                {"$unset": ENDED},
+            ],
+        )
+        return result.modified_count
+
+    def _bulk(self, ops: list[UpdateOne], what: str) -> int:
+        if not ops:
+            return 0
+        try:
+            return self.collection.bulk_write(ops, ordered=False).modified_count
+        except BulkWriteError as exc:  # a document MongoDB refuses to change: the rest goes on
+            errors = exc.details.get("writeErrors", [])
+            logger.error("{} message(s) could not be {}: {}", len(errors), what, str(exc)[:300])
+            return int(exc.details.get("nModified", 0))
+
+    # -- receipts --------------------------------------------------------------------------------
+
+    def acknowledge(self, waha_message_id: str, ack: int, at: datetime) -> Doc | None:
+        """Record a delivery receipt on the message WAHA knows as `waha_message_id`: `ack`
+        only ever rises; `deliveredAt` and `readAt` are the first times it reached 2 and 3; an
+        ack of -1 notes `deliveryError` (its status stays `sent`). Any order, any repeat, the
+        same result. The message (its `campaignId`), or None when no message has that id."""
+        fields: Doc = {"ack": {"$max": ["$ack", ack]}}
+        if ack >= DELIVERED:
+            fields["deliveredAt"] = {"$ifNull": ["$deliveredAt", at]}
+        if ack >= READ:
+            fields["readAt"] = {"$ifNull": ["$readAt", at]}
+        if ack == ACK_ERROR:
+            fields["deliveryError"] = {"$ifNull": ["$deliveryError", DELIVERY_ERROR]}
+        return self.collection.find_one_and_update(
+            {"wahaMessageId": waha_message_id},
+            [{"$set": fields}],
+            {"campaignId": 1},
+            hint=RECEIPT_INDEX,
+        )
 
 
 def gone(owner: str, now: datetime, since: datetime) -> Doc:
@@ -315,29 +432,26 @@ def gone(owner: str, now: datetime, since: datetime) -> Doc:
     }
 
 
-def due_before(time: datetime) -> Doc:
-    """Messages due before `time`: planned before it, or (not planned) scheduled before it and
-    not held by the previous version until after it."""
+def deadline(doc: Doc) -> datetime | None:
+    """When the lookback window of a message starts: its plannedAt, or, for a message not
+    planned (claimed by an earlier version), its scheduledAt. It is never claimed nor sent
+    more than the lookback window after this."""
+    for name in ("plannedAt", "scheduledAt"):
+        if isinstance(doc.get(name), datetime):
+            at: datetime = doc[name]
+            return at
+    return None
+
+
+def in_time(cutoff: datetime) -> Doc:
+    """`deadline(doc) >= cutoff` as a query (cutoff: now less the lookback window)."""
     return {
         "$or": [
-            {"plannedAt": {"$lt": time}},
-            {
-                "plannedAt": {"$exists": False},
-                "scheduledAt": {"$lt": time},
-                "heldUntil": {"$not": {"$gte": time}},
-            },
+            {"plannedAt": {"$gte": cutoff}},
+            {"plannedAt": {"$exists": False}, "scheduledAt": {"$gte": cutoff}},
         ]
     }
 
 
-def _due_from(time: datetime) -> Doc:
-    """Messages due at or after `time` (the opposite of `due_before`)."""
-    return {
-        "$or": [
-            {"plannedAt": {"$gte": time}},
-            {
-                "plannedAt": {"$exists": False},
-                "$or": [{"scheduledAt": {"$gte": time}}, {"heldUntil": {"$gte": time}}],
-            },
-        ]
-    }
+def _key(campaign: Any) -> str:
+    return str(campaign) if campaign_ref(campaign) else ""

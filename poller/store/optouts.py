@@ -43,13 +43,16 @@ class Optouts:
         """Forget an opt-out (the chat opted in again); True when there was one."""
         return self.collection.delete_one({"_id": optout_id(session, chat_id)}).deleted_count == 1
 
-    def has(self, session: str, chat_id: str) -> bool:
-        """Whether the chat opted out of the session: by its `_id`, or, for documents the web
-        app wrote with another `_id`, by `session` and `chatId`."""
+    def among(self, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (session, chat id) pairs opted out: one read for all of them."""
+        if not pairs:
+            return set()
         query = {
-            "$or": [{"_id": optout_id(session, chat_id)}, {"session": session, "chatId": chat_id}]
+            "session": {"$in": sorted({s for s, _ in pairs})},
+            "chatId": {"$in": sorted({c for _, c in pairs})},
         }
-        return self.collection.find_one(query, {"_id": 1}) is not None
+        found = self.collection.find(query, {"session": 1, "chatId": 1}, hint=CHAT_INDEX)
+        return {(d["session"], d["chatId"]) for d in found} & pairs
 
     def since(self, at: datetime) -> int:
         return self.collection.count_documents({"at": {"$gte": at}})

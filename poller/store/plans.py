@@ -1,203 +1,93 @@
-"""The plan: every message the poller has seen and not yet finished waits in its WhatsApp
-session's lane (`lane`, the session's name) for its planned send time (`plannedAt`), in order of
-`priority`. Each query here follows an index within bounds that hold about as many documents as
-it returns, however long the lanes are.
+"""What waits, and when it goes: the reads of the messages collection. Every message the poller
+has seen and not finished waits in its WhatsApp session's lane (`lane`) for its planned time
+(`plannedAt`); the writes that move it are all in `messages`.
 
-A message is planned once, when the poller first sees it due (one write), and planned again only
-when an event changes its lane's plan: an outage ends, its campaign resumes, the daily cap or
-the quiet hours move it, the lane fell behind or has a hole (one write per message and event).
-A message of a paused campaign waits in its lane with no plannedAt until the campaign resumes.
+A tick reads the queue in two reads, whatever the number of lanes: the messages not yet planned
+(`unplanned`: the late ones, the due ones, those due before the next tick, and the undated), and
+the planned ones up to the next tick (`planned`: past their deadline, due, coming, and claims
+whose poller went away). Each follows an index within bounds that hold about as many documents
+as it returns. Messages of paused campaigns are filtered out where they are read (`held`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from loguru import logger
-from pymongo import ASCENDING, DESCENDING, UpdateOne
+from pymongo import ASCENDING, DESCENDING
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError
 
-from poller.contract import FINAL, id_variants
+from poller.contract import CLAIMED, FINAL, NOT_DONE, SENDING, id_variants
 from poller.store.base import Doc, create_index
-from poller.store.messages import CAMPAIGN_INDEX, NOT_DONE
+from poller.store.messages import CAMPAIGN_INDEX, FIELDS, LEASE_INDEX, UNPICKED, gone
 from poller.timings import Timings
 
-# Messages the poller has not seen yet have no lane: due ones are planned, late ones expire.
+# Messages the poller has not planned yet have no lane, in due order.
 NEW_INDEX = [("lane", ASCENDING), ("isPicked", ASCENDING), ("scheduledAt", ASCENDING)]
-# Claims: a lane's due messages, highest priority first, then in planned order.
+# Every planned message in planned order, whatever its lane: the queue's one read.
+QUEUE_INDEX = [("plannedAt", ASCENDING)]
+# One lane's waiting messages in claim order (to plan it again), and in planned order.
 LANE_INDEX = [("lane", ASCENDING), ("priority", DESCENDING), ("plannedAt", ASCENDING)]
-# Times: a lane's messages in planned order, whatever their priority.
 PLAN_INDEX = [("lane", ASCENDING), ("plannedAt", ASCENDING)]
-# The previous version's holds (heldUntil): read to adopt what it held, never written.
+# The holds of versions before plans (heldUntil): read once, at start-up.
 HOLD_INDEX = [("heldUntil", ASCENDING)]
 PLANNED = {"plannedAt": {"$exists": True}}
-UNPICKED = {"isPicked": {"$ne": True}}
-# What planning or claiming a message needs to know of it.
-CANDIDATE = {
-    "session": 1,
-    "sessionId": 1,
-    "campaignId": 1,
-    "scheduledAt": 1,
-    "heldUntil": 1,
-    "plannedAt": 1,
-    "priority": 1,
-    "content": 1,
-    "retryAt": 1,
-    "isSent": 1,
-    "isDeleted": 1,
-    "lane": 1,
-}
 # The most messages one planning step reads: the rest are planned by the next.
 ADOPT_CHUNK = 500
 
 
 class Plans:
-    def __init__(self, collection: Collection[Doc], timings: Timings) -> None:
+    def __init__(self, collection: Collection[Doc], timings: Timings, owner: str) -> None:
         self.collection = collection
         self.timings = timings
+        self.owner = owner
 
     def ensure_indexes(self) -> None:
         create_index(self.collection, NEW_INDEX, "poller_new")
         waiting = {"partialFilterExpression": PLANNED}
+        create_index(self.collection, QUEUE_INDEX, "poller_queue", **waiting)
         create_index(self.collection, LANE_INDEX, "poller_lane", **waiting)
         create_index(self.collection, PLAN_INDEX, "poller_plan", **waiting)
         create_index(self.collection, HOLD_INDEX, "poller_hold", sparse=True)
 
-    # -- messages not yet seen ------------------------------------------------------------------
+    # -- the tick's reads ------------------------------------------------------------------------
 
-    def new(self, now: datetime) -> list[Doc]:
-        """Messages the poller has not planned yet that are due now and not too late, in due
-        order: due from scheduledAt, or from the heldUntil the previous version gave them."""
-        cutoff = now - self.timings.lookback
-        held = {"lane": None, **UNPICKED, "heldUntil": {"$gte": cutoff, "$lte": now}}
-        found: dict[Any, Doc] = {}
-        for query, hint in (self.new_query(now), (held, HOLD_INDEX)):
-            for doc in self.collection.find(
-                {**query, **NOT_DONE}, CANDIDATE, hint=hint, limit=ADOPT_CHUNK
-            ):
-                found.setdefault(doc["_id"], doc)
-        return sorted(found.values(), key=_due_key)
+    def unplanned(
+        self,
+        until: datetime,
+        held: Iterable[Any],
+        limit: int = ADOPT_CHUNK,
+        since: datetime | None = None,
+    ) -> list[Doc]:
+        """Messages not yet planned that are due by `until`, or whose scheduledAt is not a date
+        (those first), in due order; not those of a paused campaign. With `since`: only those
+        due from then on."""
+        query = unplanned_query(until, held, since)
+        found = self.collection.find(query, FIELDS, hint=NEW_INDEX, sort=[("scheduledAt", 1)])
+        return list(found.limit(limit))
 
-    def new_query(self, now: datetime) -> tuple[Doc, list[tuple[str, int]]]:
-        """The query of messages not yet seen that came due inside the lookback window, and its
-        index (benchmarks explain it)."""
-        window = {"$gte": now - self.timings.lookback, "$lte": now}
-        return {"lane": None, **UNPICKED, "scheduledAt": window}, NEW_INDEX
+    def planned(
+        self, until: datetime, held: Iterable[Any], skip_lanes: Iterable[str], limit: int
+    ) -> list[Doc]:
+        """Planned messages up to `until`, in planned order, claimed ones included; not those of
+        a paused campaign, nor of `skip_lanes`."""
+        query = queue_query(until, held, skip_lanes)
+        found = self.collection.find(query, FIELDS, hint=QUEUE_INDEX, sort=[("plannedAt", 1)])
+        return list(found.limit(limit))
 
-    def next_new(self, after: datetime, until: datetime) -> datetime | None:
-        """When the first message not yet seen comes due in (`after`, `until`]."""
-        window = {"$gt": after, "$lte": until}
-        times = []
-        for picked in (False, None):  # false, or missing: the web app may not write isPicked
-            found = self.collection.find_one(
-                {"lane": None, "isPicked": picked, "scheduledAt": window},
-                {"scheduledAt": 1},
-                hint=NEW_INDEX,
-                sort=[("scheduledAt", ASCENDING)],
-            )
-            if found:
-                times.append(found["scheduledAt"])
-        held = self.collection.find_one(
-            {"lane": None, "heldUntil": window}, {"heldUntil": 1}, hint=HOLD_INDEX
-        )
-        if held:
-            times.append(held["heldUntil"])
-        return min(times, default=None)
+    def lapsed(self, now: datetime, since: datetime, limit: int) -> list[Doc]:
+        """Claims and sends whose poller went away (`gone`), in lease order."""
+        query = {"status": {"$in": [CLAIMED, SENDING]}, **gone(self.owner, now, since)}
+        return list(self.collection.find(query, FIELDS, hint=LEASE_INDEX, limit=limit))
 
-    def adopt(self, rows: Iterable[Any]) -> list[Any]:
-        """Put new messages in their lanes (`lanes.Adoption`: id, lane, priority, at, why), with
-        no plannedAt where `at` is None (a paused campaign). The ids this poller adopted; a
-        message another poller adopted first keeps that poller's plan."""
-        ops, ids = [], []
-        for row in rows:
-            fields: Doc = {"lane": row.lane, "priority": row.priority}
-            if row.at is not None:
-                fields["plannedAt"] = row.at
-            if row.why is not None:
-                fields["lastError"] = row.why
-            ops.append(UpdateOne({"_id": row.id, "lane": None, **UNPICKED}, {"$set": fields}))
-            ids.append(row.id)
-        if not ops:
-            return []
-        try:
-            self.collection.bulk_write(ops, ordered=False)
-        except BulkWriteError as exc:  # a document MongoDB refuses to change: it expires later
-            logger.error(
-                "{} message(s) could not be planned: {}",
-                len(exc.details.get("writeErrors", [])),
-                str(exc)[:300],
-            )
-        adopted = self.collection.find({"_id": {"$in": ids}, "lane": {"$ne": None}}, {"_id": 1})
-        return [d["_id"] for d in adopted]
+    # -- one lane --------------------------------------------------------------------------------
 
-    def reject(self, message_id: Any, status: str, reason: str, now: datetime) -> None:
-        """End a new message that cannot be planned, with why."""
-        self.collection.update_one(
-            {"_id": message_id, "lane": None, **UNPICKED},
-            {"$set": {"isPicked": True, "status": status, "finishedAt": now, "lastError": reason}},
-        )
-
-    # -- what an operator sees ------------------------------------------------------------------
-
-    def count_due(self, now: datetime) -> int:
-        """Messages due now and not being sent: planned for now or earlier, or not yet seen."""
-        planned = {"plannedAt": {"$lte": now}, **UNPICKED, **NOT_DONE}
-        window = {"$gte": now - self.timings.lookback, "$lte": now}
-        fresh = {"lane": None, **UNPICKED, "scheduledAt": window, **NOT_DONE}
-        return self.collection.count_documents(
-            planned, hint=PLAN_INDEX
-        ) + self.collection.count_documents(fresh, hint=NEW_INDEX)
-
-    def waiting_total(self) -> int:
-        """Messages waiting in a lane, planned or held (a paused campaign)."""
-        query = {"lane": {"$type": "string"}, **UNPICKED, **NOT_DONE}
-        return self.collection.count_documents(query, hint=NEW_INDEX)
-
-    def later(self, now: datetime) -> int:
-        """Messages scheduled for later, not yet seen."""
-        query = {"lane": None, **UNPICKED, "scheduledAt": {"$gt": now}, **NOT_DONE}
-        return self.collection.count_documents(query, hint=NEW_INDEX)
-
-    # -- a lane ---------------------------------------------------------------------------------
-
-    def due_query(self, lane: str, now: datetime) -> tuple[Doc, list[tuple[str, int]]]:
-        """The query and sort of `due` (benchmarks explain it)."""
-        query = {
-            "lane": lane,
-            "plannedAt": {"$lte": now},
-            **UNPICKED,
-            "retryAt": {"$not": {"$gt": now}},
-        }
-        return query, [("priority", DESCENDING), ("plannedAt", ASCENDING)]
-
-    def due(self, lane: str, now: datetime, limit: int) -> list[Doc]:
-        """The lane's messages planned for now or earlier, not being sent, in claim order."""
-        query, sort = self.due_query(lane, now)
-        return list(self.collection.find(query, CANDIDATE, hint=LANE_INDEX, sort=sort, limit=limit))
-
-    def behind(self, lane: str, before: datetime, now: datetime) -> Doc | None:
-        """The lane's earliest waiting message planned before `before`, not waiting to retry
-        after `now`: the lane fell behind its plan when there is one."""
-        query = {
-            "lane": lane,
-            "plannedAt": {"$lt": before},
-            **UNPICKED,
-            **NOT_DONE,
-            "retryAt": {"$not": {"$gt": now}},
-        }
-        return self.collection.find_one(
-            query, {"plannedAt": 1}, hint=PLAN_INDEX, sort=[("plannedAt", ASCENDING)]
-        )
-
-    def oldest(self, lane: str, before: datetime) -> Doc | None:
-        """The lane's earliest waiting message planned before `before`, if any."""
-        query = {"lane": lane, "plannedAt": {"$lt": before}, **UNPICKED, **NOT_DONE}
-        return self.collection.find_one(
-            query, {"plannedAt": 1, "retryAt": 1}, hint=PLAN_INDEX, sort=[("plannedAt", ASCENDING)]
-        )
+    def waiting(self, lane: str, held: Iterable[Any] = ()) -> list[Doc]:
+        """Every waiting message of the lane, in claim order (to plan it again)."""
+        query = {"lane": lane, **PLANNED, **UNPICKED, **NOT_DONE, **_not_in(held)}
+        sort = [("priority", DESCENDING), ("plannedAt", ASCENDING)]
+        return list(self.collection.find(query, FIELDS, hint=LANE_INDEX, sort=sort))
 
     def planned_between(self, lane: str, after: datetime, until: datetime) -> datetime | None:
         """The first plannedAt of the lane in (`after`, `until`]."""
@@ -209,6 +99,60 @@ class Plans:
         )
         return found["plannedAt"] if found else None
 
+    # -- one campaign ----------------------------------------------------------------------------
+
+    def campaign_waiting(self, campaign_id: Any, limit: int = 0) -> list[Doc]:
+        """A campaign's messages that wait (not claimed, not ended), planned or not."""
+        query = {"campaignId": {"$in": id_variants(campaign_id)}, **UNPICKED}
+        return list(self.collection.find(query, FIELDS, hint=CAMPAIGN_INDEX, limit=limit))
+
+    def campaign_open(self, campaign_id: Any) -> Doc | None:
+        """One message of the campaign that is not done: waiting, or being sent. Done ones the
+        web app marked are returned too (the caller retires them)."""
+        ids = {"$in": id_variants(campaign_id)}
+        found = self.collection.find_one(
+            {"campaignId": ids, **UNPICKED}, FIELDS, hint=CAMPAIGN_INDEX
+        )
+        if found is not None:
+            return found
+        in_flight = {"campaignId": ids, "isPicked": True, "status": {"$in": [CLAIMED, SENDING]}}
+        return self.collection.find_one(in_flight, FIELDS, hint=CAMPAIGN_INDEX)
+
+    # -- the upgrade from earlier versions -------------------------------------------------------
+
+    def unplanned_in_lanes(self, limit: int) -> list[Doc]:
+        """Waiting messages in a lane without a plan: what an earlier version left when it
+        held a paused campaign, or released a claim of one."""
+        query = {"lane": {"$type": "string"}, **UNPICKED, "plannedAt": {"$exists": False}}
+        return list(self.collection.find(query, FIELDS, hint=NEW_INDEX, limit=limit))
+
+    def held_until(self, limit: int) -> list[Doc]:
+        """Messages an earlier version held back with `heldUntil`, not yet planned."""
+        query = {"heldUntil": {"$exists": True}, "lane": None, **UNPICKED}
+        return list(self.collection.find(query, FIELDS, hint=HOLD_INDEX, limit=limit))
+
+    # -- what an operator sees -------------------------------------------------------------------
+
+    def count_due(self, now: datetime) -> int:
+        """Messages due now and not being sent: planned for now or earlier and before their
+        deadline, or not yet seen and due."""
+        cutoff = now - self.timings.lookback
+        planned = {"plannedAt": {"$gte": cutoff, "$lte": now}, **UNPICKED, **NOT_DONE}
+        fresh = {"lane": None, **UNPICKED, "scheduledAt": {"$gte": cutoff, "$lte": now}, **NOT_DONE}
+        return self.collection.count_documents(
+            planned, hint=QUEUE_INDEX
+        ) + self.collection.count_documents(fresh, hint=NEW_INDEX)
+
+    def planned_later(self, now: datetime) -> int:
+        """Messages planned for later than now, not being sent."""
+        query = {"plannedAt": {"$gt": now}, **UNPICKED, **NOT_DONE}
+        return self.collection.count_documents(query, hint=QUEUE_INDEX)
+
+    def later(self, now: datetime) -> int:
+        """Messages scheduled for later, not yet seen."""
+        query = {"lane": None, **UNPICKED, "scheduledAt": {"$gt": now}, **NOT_DONE}
+        return self.collection.count_documents(query, hint=NEW_INDEX)
+
     def first(self, lane: str) -> datetime | None:
         """The lane's first plannedAt (`poller status`)."""
         found = self.collection.find_one(
@@ -219,99 +163,49 @@ class Plans:
         )
         return found["plannedAt"] if found else None
 
-    def waiting(self, lane: str) -> list[Doc]:
-        """Every waiting message of the lane, in claim order (to plan it again)."""
-        query = {"lane": lane, **PLANNED, **UNPICKED, **NOT_DONE}
-        sort = [("priority", DESCENDING), ("plannedAt", ASCENDING)]
-        return list(self.collection.find(query, CANDIDATE, hint=LANE_INDEX, sort=sort))
+    def in_progress(self) -> int:
+        return self.collection.count_documents({"status": {"$in": [CLAIMED, SENDING]}})
+
+    def outcomes_since(self, since: datetime) -> dict[str, int]:
+        """How many messages ended in each final status since `since`."""
+        ended = {"$or": [{"sentAt": {"$gte": since}}, {"finishedAt": {"$gte": since}}]}
+        rows = self.collection.aggregate(
+            [{"$match": ended}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
+        )
+        by_status = {row["_id"]: row["n"] for row in rows}
+        return {status: by_status.get(status, 0) for status in FINAL}
+
+    def receipts_since(self, since: datetime) -> dict[str, int]:
+        """How many messages were delivered, and read, since `since` (their receipts)."""
+        return {
+            "delivered": self.collection.count_documents({"deliveredAt": {"$gte": since}}),
+            "read": self.collection.count_documents({"readAt": {"$gte": since}}),
+        }
 
     def count(self, lane: str) -> int:
         """How many messages wait in the lane (`poller status`)."""
         query = {"lane": lane, **PLANNED, **UNPICKED, **NOT_DONE}
         return self.collection.count_documents(query, hint=PLAN_INDEX)
 
-    def move(self, times: Iterable[tuple[Any, datetime]], reason: str | None = None) -> int:
-        """Plan waiting messages again: (id, new plannedAt); `reason` goes into lastError."""
-        ops = []
-        for message_id, at in times:
-            fields: Doc = {"plannedAt": at}
-            if reason is not None:
-                fields["lastError"] = reason
-            ops.append(UpdateOne({"_id": message_id, **PLANNED, **UNPICKED}, {"$set": fields}))
-        if not ops:
-            return 0
-        return self.collection.bulk_write(ops, ordered=False).modified_count
 
-    def note(self, lane: str, reason: str) -> None:
-        """Say in lastError why the lane's messages wait (once per reason)."""
-        self.collection.update_many(
-            {"lane": lane, **PLANNED, **UNPICKED, **NOT_DONE, "lastError": {"$ne": reason}},
-            {"$set": {"lastError": reason}},
-            hint=LANE_INDEX,
-        )
-
-    def retire(self, message_ids: list[Any]) -> None:
-        """Take messages out of the plan that the web app deleted or marked sent."""
-        if message_ids:
-            self.collection.update_many(
-                {"_id": {"$in": message_ids}, **UNPICKED}, {"$unset": {"plannedAt": ""}}
-            )
-
-    def forget(self, message_ids: list[Any]) -> None:
-        """Unplan messages the web app rescheduled to later: planned again once due."""
-        if message_ids:
-            self.collection.update_many(
-                {"_id": {"$in": message_ids}, **UNPICKED},
-                {"$unset": {"plannedAt": "", "lane": ""}},
-            )
-
-    # -- paused campaigns -----------------------------------------------------------------------
-
-    def hold_campaign(self, campaign_id: Any, reason: str) -> int:
-        """Take a paused campaign's waiting messages out of the plan: they wait in their lanes,
-        never late, until it resumes."""
-        query = {
-            "campaignId": {"$in": id_variants(campaign_id)},
-            **PLANNED,
-            **UNPICKED,
-            **NOT_DONE,
-        }
-        update = {"$unset": {"plannedAt": ""}, "$set": {"lastError": reason}}
-        return self.collection.update_many(query, update, hint=CAMPAIGN_INDEX).modified_count
-
-    def held(self, campaign_id: Any) -> list[Doc]:
-        """A resumed campaign's messages waiting in their lanes with no plan, in due order."""
-        query = {
-            "campaignId": {"$in": id_variants(campaign_id)},
-            "lane": {"$type": "string"},
-            "plannedAt": {"$exists": False},
-            "status": {"$nin": list(FINAL)},
-            **UNPICKED,
-            **NOT_DONE,
-        }
-        found = self.collection.find(query, CANDIDATE, hint=CAMPAIGN_INDEX)
-        return sorted(found, key=_due_key)
-
-    def resume(self, times: Iterable[tuple[Any, datetime]]) -> int:
-        """Plan a resumed campaign's messages: (id, plannedAt)."""
-        ops = [
-            UpdateOne(
-                {"_id": message_id, "plannedAt": {"$exists": False}, **UNPICKED},
-                {"$set": {"plannedAt": at, "lastError": None}},
-            )
-            for message_id, at in times
-        ]
-        return self.collection.bulk_write(ops, ordered=False).modified_count if ops else 0
+def unplanned_query(
+    until: datetime, held: Iterable[Any] = (), since: datetime | None = None
+) -> Doc:
+    """The query of `Plans.unplanned` (on NEW_INDEX; benchmarks explain it)."""
+    window = {"$not": {"$gt": until}} if since is None else {"$gte": since, "$lte": until}
+    return {"lane": None, **UNPICKED, "scheduledAt": window, **_not_in(held)}
 
 
-def due_time(doc: Doc) -> datetime:
-    """When a message not yet planned is due: its scheduledAt, or a later heldUntil the
-    previous version gave it."""
-    scheduled, held = doc.get("scheduledAt"), doc.get("heldUntil")
-    if not isinstance(scheduled, datetime):
-        return held if isinstance(held, datetime) else datetime.min.replace(tzinfo=UTC)
-    return held if isinstance(held, datetime) and held > scheduled else scheduled
+def queue_query(until: datetime, held: Iterable[Any] = (), skip_lanes: Iterable[str] = ()) -> Doc:
+    """The query of `Plans.planned` (on QUEUE_INDEX, in plannedAt order; benchmarks explain it)."""
+    query: Doc = {"plannedAt": {"$lte": until}, **_not_in(held)}
+    lanes = list(skip_lanes)
+    if lanes:
+        query["lane"] = {"$nin": lanes}
+    return query
 
 
-def _due_key(doc: Doc) -> tuple[datetime, str]:
-    return (due_time(doc), str(doc["_id"]))
+def _not_in(held: Iterable[Any]) -> Doc:
+    """Not a message of these campaigns (as ObjectId or as text)."""
+    ids = [v for campaign in held for v in id_variants(campaign)]
+    return {"campaignId": {"$nin": ids}} if ids else {}
