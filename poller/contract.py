@@ -1,17 +1,10 @@
 """The data contract with the web app: what a message document must hold to be sent, and how
 each of its fields is read. Pure functions of a document: no database, no network.
 
-A message moves through these states (its `status` field):
-
-    new ─plan─> pending ─claim─> claimed ─start─> sending ─> sent | failed
-                  ^                │                 │
-                  └──── retry ─────┘ (release)       └─ lease lapsed ─> unknown
-    new, more than the lookback window past scheduledAt ─> expired
-    pending/retry more than the lookback window past plannedAt ─> expired
-    not yet sent when its campaign is cancelled ─> cancelled
-
-"Planned" means the message has a `lane` (its session) and a `plannedAt`; a new message has
-neither, and a `pending` one may have no status field yet.
+A message's `status` on its way: none or `pending` while it waits, `claimed` and `sending` while
+a poller holds it, `retry` when it waits to be tried again; `sent`, `failed`, `expired`,
+`unknown` or `cancelled` at the end. `store/messages.py` holds every write that moves it, and
+draws the whole life.
 """
 
 from __future__ import annotations

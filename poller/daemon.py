@@ -47,8 +47,6 @@ class Poller:
         # WAHA's failures carry over from one tick to the next, for this process's lifetime.
         self.breakers = Breakers(self.store.timings.retry)
         self.memory = Memory()
-        # Ticks of one process never overlap: a tick the scheduler starts while one runs waits.
-        self.tick_lock = threading.Lock()
         self.pacing = Pacing.from_settings(settings)
         self.started_at = datetime.now(UTC)
         self.last_tick: tuple[datetime, TickCounts] | None = None
@@ -261,29 +259,14 @@ def run(settings: Settings) -> int:
 
         scheduler = BackgroundScheduler(timezone=UTC)
         wakeup = Wakeup(scheduler, "tick")
-        # A tick brought forward while one runs (a wake-up that raced the scheduler's own run)
-        # is a second instance, which waits for the first (`tick_lock`): never skipped, never
-        # overlapping. Two heartbeats never run at once.
-        jobs: list[tuple[Callable[[], None], str, float, int]] = [
-            (
-                lambda: wakeup.run(lambda: _tick(poller, stop)),
-                "tick",
-                settings.poll_interval_seconds,
-                2,
-            ),
-            (lambda: _heartbeat(poller), "heartbeat", settings.heartbeat_seconds, 1),
-        ]
-        for job, job_id, seconds, instances in jobs:
-            scheduler.add_job(
-                job,
-                "interval",
-                id=job_id,
-                seconds=seconds,
-                next_run_time=datetime.now(UTC),
-                max_instances=instances,
-                coalesce=True,  # after a long tick, run once, not once per missed interval
-                misfire_grace_time=None,
-            )
+        add_jobs(
+            scheduler,
+            wakeup,
+            lambda: _tick(poller, stop),
+            lambda: _heartbeat(poller),
+            settings.poll_interval_seconds,
+            settings.heartbeat_seconds,
+        )
         scheduler.start()
         logger.info(
             "running: a tick every {:g} s, and when a message is due",
@@ -310,15 +293,39 @@ def run(settings: Settings) -> int:
         return 0
 
 
+def add_jobs(
+    scheduler: BaseScheduler,
+    wakeup: Wakeup,
+    tick: Callable[[], datetime | None],
+    heartbeat: Callable[[], None],
+    tick_seconds: float,
+    heartbeat_seconds: float,
+) -> None:
+    """The two jobs of `poller run`, each at once and then on its interval. A tick brought
+    forward while one runs (a wake-up that raced the scheduler's own run) is a second
+    instance, which waits for the first (`Wakeup.run`): never skipped, never overlapping. Two
+    heartbeats never run at once."""
+    jobs: list[tuple[Callable[[], None], str, float, int]] = [
+        (lambda: wakeup.run(tick), "tick", tick_seconds, 2),
+        (heartbeat, "heartbeat", heartbeat_seconds, 1),
+    ]
+    for job, job_id, seconds, instances in jobs:
+        scheduler.add_job(
+            job,
+            "interval",
+            id=job_id,
+            seconds=seconds,
+            next_run_time=datetime.now(UTC),
+            max_instances=instances,
+            coalesce=True,  # after a long tick, run once, not once per missed interval
+            misfire_grace_time=None,
+        )
+
+
 def _tick(poller: Poller, stop: threading.Event) -> datetime | None:
     """One tick of `poller run`; when to tick next, if before the timer."""
-    with poller.tick_lock:
-        if stop.is_set():
-            return None
-        return _tick_once(poller, stop)
-
-
-def _tick_once(poller: Poller, stop: threading.Event) -> datetime | None:
+    if stop.is_set():
+        return None
     try:
         return poller.tick(stop).next_at
     except PyMongoError as exc:
@@ -339,12 +346,13 @@ class Wakeup:
     """Brings the scheduler's next tick forward: to when the last tick says the next message
     comes due, or when the watcher sees a message written meanwhile.
 
-    A tick is never moved while one runs: the scheduler would skip a run that comes due before
-    the running one has returned (max_instances=1). What is asked for meanwhile, and the tick's
-    own next time, are kept, and moved to once the scheduler reports the run over (`finished`,
-    an APScheduler listener). `close` waits for the tick in progress; after it, nothing moves
-    the job any more, so that the scheduler's shutdown never waits for a tick that waits for
-    the scheduler.
+    A tick is not moved while one runs: what is asked for meanwhile, and the tick's own next
+    time, are kept, and moved to once the scheduler reports the run over (`finished`, an
+    APScheduler listener). A wake-up that lands after the scheduler started a run but before
+    `run` began is moved to at once: the scheduler then starts a second instance, which waits
+    in `run` for the first (`add_jobs` allows two), so that it is never skipped. `close` waits
+    for the tick in progress; after it, nothing moves the job any more, so that the
+    scheduler's shutdown never waits for a tick that waits for the scheduler.
     """
 
     def __init__(self, scheduler: BaseScheduler, job_id: str) -> None:
@@ -353,6 +361,8 @@ class Wakeup:
         self._lock = threading.Condition()
         self._running = 0  # runs of the job not yet reported over
         self._closed = False
+        # Ticks of one process never overlap: a run the scheduler starts while one runs waits.
+        self._one_at_a_time = threading.Lock()
         self._asked: datetime | None = None
         self._last_start = datetime.now(UTC)
         scheduler.add_listener(self.finished, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
@@ -374,7 +384,8 @@ class Wakeup:
             self._last_start = datetime.now(UTC)
         next_at = None
         try:
-            next_at = work()
+            with self._one_at_a_time:
+                next_at = work()
         finally:
             if next_at is not None:
                 self.ask(next_at)  # kept: `_running` holds until the scheduler reports the end

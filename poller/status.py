@@ -142,11 +142,13 @@ def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any
     caps = store.sessions.daily_caps()
     today = pacing.day(now).isoformat()
     rows = []
+    plans = store.plans.lanes()
     for name, lane in sorted(store.turns.lanes().items()):
         cap = session_cap(caps, name, pacing.daily_cap, store.sessions.collection.name)
         sent_today = int(lane.get("count") or 0) if lane.get("day") == today else 0
-        waiting = store.plans.count(name)
-        next_at = store.plans.first(name)
+        waiting, next_at = plans.get(name, (0, None))
+        if not (waiting or sent_today or lane.get("blocked") or isinstance(cap, str)):
+            continue  # a session with nothing to show
         quiet = pacing.quiet_until(now)
         why = lane.get("blocked") or (cap if isinstance(cap, str) else None)
         if why is None and quiet is not None and waiting:

@@ -92,7 +92,8 @@ def tick(
         _campaign_events(t, flags, counts)
         if not t.memory.upgraded:
             _upgrade(t, counts)
-        later = [t.memory.occurs_at, _plan_new(t, counts)]
+        coming, backlog = _plan_new(t, counts)
+        later = [t.memory.occurs_at, coming]
         first, waited = True, False
         while not t.stop.is_set() and (first or not _all_down(t)):
             if _quiet(t, counts, later):
@@ -107,7 +108,8 @@ def tick(
             send_all(t, claimed.batch, claimed.names, claimed.gate, counts)
             if counts.released - released == len(claimed.batch):
                 break  # every session's turn is taken by another poller: nothing to do now
-        later.append(_settle_backlog(t, counts))
+        if backlog:
+            later.append(_settle_backlog(t, counts))
         counts.next_at = _next_at(t, started, later, waited or counts.claimed > 0)
     finally:
         # Even after a failure: what ended before it must show in its campaign.
@@ -136,15 +138,15 @@ def _campaign_events(t: Context, flags: Any, counts: TickCounts) -> None:
         counts.replanned += lanes.fill_holes(t, now, {d.get("lane") or "" for d in docs})
 
 
-def _plan_new(t: Context, counts: TickCounts) -> datetime | None:
+def _plan_new(t: Context, counts: TickCounts) -> tuple[datetime | None, bool]:
     """Read the messages not yet planned that are due before the next tick, a chunk at a
     time: plan the due ones, fail the undated ones, expire the late ones (one chunk of a
-    backlog: the rest after the sends). When the first of the others comes due; now, while a
-    backlog is left."""
+    backlog: the rest after the sends). When the first of the others comes due, and whether
+    a backlog of late ones is left."""
     store, now = t.store, t.clock()
     until = now + store.timings.tick_interval
     cutoff = now - store.timings.lookback
-    since = None
+    since, backlog = None, False
     while not t.stop.is_set():
         docs = store.plans.unplanned(until, t.held, since=since)
         store.messages.retire([d for d in docs if done(d)], counts.stats)
@@ -154,13 +156,14 @@ def _plan_new(t: Context, counts: TickCounts) -> datetime | None:
             settle.undated(store, undated, now, counts)
             late = [d for d in dated if d["scheduledAt"] < cutoff]
             settle.too_late_new(store, late[: settle.CHUNK], now, counts)
+            backlog = len(late) > settle.CHUNK
         lanes.plan(t, [d for d in dated if cutoff <= d["scheduledAt"] <= now], now, counts)
         coming = [d["scheduledAt"] for d in dated if d["scheduledAt"] > now]
         if len(docs) < ADOPT_CHUNK or coming:
-            return min(coming, default=None)
+            return min(coming, default=None), backlog
         if since is None and dated and dated[-1]["scheduledAt"] < cutoff:
             since = cutoff  # a backlog of late ones fills the read: the due ones are past it
-    return now
+    return None, backlog
 
 
 def _settle_backlog(t: Context, counts: TickCounts) -> datetime | None:

@@ -195,6 +195,24 @@ def test_without_pacing_a_message_is_never_sent_past_its_scheduled_time_and_the_
     assert [m.chat_id for m in waha.sent] == ["447700900002@c.us"]
 
 
+def test_a_message_seen_late_and_retried_is_never_sent_past_its_scheduled_window(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    """Seen 100 s after its scheduledAt, tried at once and refused for now: 30 s later it is
+    past the window of its scheduledAt (not of the time it was first seen)."""
+    now = utcnow()
+    ids = "/api/default/new-message-id"
+    waha.raw_answers[ids] = (503, "application/json", '{"message": "Service Unavailable"}')
+    message_id = store.messages.collection.insert_one(message(now - seconds(100))).inserted_id
+    assert run_tick(store, settings, now).retried == 1
+    del waha.raw_answers[ids]
+
+    counts = run_tick(store, settings, now + seconds(30))
+
+    assert counts.sent == 0 and get(store, message_id)["status"] == "expired"
+    assert waha.sent == []
+
+
 def test_a_retry_is_never_sent_past_the_window(
     store: Store, settings: Settings, waha: WahaSimulator
 ) -> None:
@@ -291,3 +309,34 @@ def test_an_idle_tick_costs_the_same_few_commands_however_many_lanes(
     run_tick(store, settings, now + seconds(settings.poll_interval_seconds), memory=memory)
 
     assert len(commands.names) <= 6, commands.names
+
+
+# -- one document at a time ------------------------------------------------------------------------
+
+
+def test_a_late_message_mongodb_refuses_to_settle_does_not_stop_the_rest(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    """A collection validator (the web app's schema) refuses to mark one message expired: the
+    others beside it are settled and sent as usual, and the tick goes on."""
+    now = utcnow()
+    late = now - seconds(settings.lookback_seconds + 60)
+    store.messages.collection.insert_many(
+        [
+            message(late, chat_id="447700900001"),
+            message(late, chat_id="447700900666"),
+            message(now, chat_id="447700900002"),
+        ]
+    )
+    refuses = {"$or": [{"chatId": {"$ne": "447700900666"}}, {"status": {"$ne": "expired"}}]}
+    collection = store.messages.collection
+    collection.database.command("collMod", collection.name, validator=refuses)
+    try:
+        counts = run_tick(store, settings, now)
+    finally:
+        collection.database.command("collMod", collection.name, validator={})
+
+    assert (counts.expired, counts.sent) == (1, 1)
+    assert [m.chat_id for m in waha.sent] == ["447700900002@c.us"]
+    assert collection.find_one({"chatId": "447700900001"})["status"] == "expired"
+    assert collection.find_one({"chatId": "447700900666"}).get("status") is None

@@ -20,7 +20,7 @@ from apscheduler.events import EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 from support import POLLER, environment, message, seconds, utcnow, wait_until
 
-from poller.daemon import Wakeup
+from poller.daemon import Wakeup, add_jobs
 from poller.pacing import Pacing
 from poller.settings import Settings
 from poller.store import Store
@@ -140,6 +140,39 @@ def test_a_tick_that_returns_slowly_still_gets_the_tick_it_asked_for() -> None:
     try:
         wait_until(lambda: len(runs) >= 3, 60, "ticks brought forward, not skipped")
     finally:
+        wakeup.close()
+        scheduler.shutdown(wait=True)
+
+
+def test_a_wake_up_that_lands_as_a_tick_starts_is_not_lost() -> None:
+    """The watcher rings after the scheduler started the tick's run but before that run began
+    (the race of a job's submission): the tick it asks for still comes, after the running one,
+    however long that takes. Before, the scheduler skipped it (one instance at a time), and the
+    next tick came only at the timer."""
+    scheduler = BackgroundScheduler(timezone=UTC)
+    wakeup = Wakeup(scheduler, "tick")
+    runs: list[float] = []
+    first_done = threading.Event()
+    run = wakeup.run
+
+    def ring_then_run(work: Callable[[], datetime | None]) -> None:
+        if not runs:
+            wakeup.ask(utcnow())  # the watcher, just before the run begins
+        run(work)
+
+    def tick() -> datetime | None:
+        runs.append(monotonic())
+        if len(runs) == 1:  # a tick that takes a while: the asked-for one comes meanwhile
+            first_done.wait(1.0)
+        return None
+
+    wakeup.run = ring_then_run  # type: ignore[method-assign]
+    add_jobs(scheduler, wakeup, tick, lambda: None, 3600, 3600)
+    scheduler.start()
+    try:
+        wait_until(lambda: len(runs) >= 2, 60, "the tick the wake-up asked for")
+    finally:
+        first_done.set()
         wakeup.close()
         scheduler.shutdown(wait=True)
 

@@ -143,11 +143,9 @@ class Dashboard:
             return _json({"error": "log in first"}, 401)
         chat = request.args.get("chatId", "").strip()[:200] or None
         campaign = request.args.get("campaign", "").strip()[:200] or None
-        picture = {
-            **self._overview(),
-            "notSent": self.store.activity.not_sent(50, chat, campaign),
-            "csrf": self.auth.csrf(session),
-        }
+        picture = {**self._overview(), "csrf": self.auth.csrf(session)}
+        if chat or campaign:  # a filtered list, read for this request (the whole one is cached)
+            picture["notSent"] = self.store.activity.not_sent(50, chat, campaign)
         return Response(status.to_json(picture), content_type="application/json")
 
     def _action(self, request: Request, campaign: str, action: str) -> Response:
@@ -171,6 +169,7 @@ class Dashboard:
             if self._cached is None or ticks - self._cached[0] >= REFRESH_SECONDS:
                 picture = status.build(self.store, now, self.pacing)
                 picture["now"] = now
+                picture["notSent"] = self.store.activity.not_sent(50)
                 self._cached = (ticks, picture)
             if self._activity is None or ticks - self._activity[0] >= ACTIVITY_SECONDS:
                 since = now - timedelta(hours=24)

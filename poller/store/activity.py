@@ -11,6 +11,7 @@ from pymongo.collection import Collection
 
 from poller.contract import EXPIRED, FAILED, SENT, UNKNOWN, id_variants
 from poller.store.base import Doc
+from poller.store.plans import ENDED_INDEX
 
 # The ends of a message that was not sent, which the dashboard lists with their reasons.
 NOT_SENT = (FAILED, EXPIRED, UNKNOWN)
@@ -85,5 +86,5 @@ class Activity:
             "scheduledAt": 1,
             "finishedAt": 1,
         }
-        found = self.collection.find(query, fields).sort("finishedAt", DESCENDING).limit(limit)
-        return list(found)
+        found = self.collection.find(query, fields, hint=ENDED_INDEX)
+        return list(found.sort("finishedAt", DESCENDING).limit(limit))

@@ -43,6 +43,7 @@ from poller.store.base import Doc, create_index, insert_once
 from poller.timings import Timings
 
 # Key patterns, hinted by pattern so an identical index the web app made under another name serves.
+ID_INDEX = [("_id", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING), ("isPicked", ASCENDING), ("plannedAt", ASCENDING)]
 RECEIPT_INDEX = [("wahaMessageId", ASCENDING)]
@@ -88,6 +89,8 @@ class Messages:
         self.collection = collection
         self.timings = timings
         self.owner = owner
+        # Messages MongoDB refused to settle (a validator): not tried again by this process.
+        self.refused: set[Any] = set()
 
     def ensure_indexes(self) -> None:
         """The indexes of leases, campaigns and receipts (`queue` makes those of the plan)."""
@@ -199,7 +202,8 @@ class Messages:
         )
         mine = {"_id": {"$in": ids}, "pickedBy": self.owner, "status": CLAIMED, "pickedAt": now}
         order = {message_id: n for n, message_id in enumerate(ids)}
-        return sorted(self.collection.find(mine), key=lambda d: order[d["_id"]])
+        found = self.collection.find(mine, hint=ID_INDEX)  # by id, whatever the other fields
+        return sorted(found, key=lambda d: order[d["_id"]])
 
     def extend(self, message_ids: Iterable[Any], until: datetime) -> None:
         """Renew the lease on claims this poller still holds."""
@@ -335,7 +339,8 @@ class Messages:
         A document MongoDB refuses to change (a validator) is ended alone, or logged."""
         by_campaign: dict[str, list[Doc]] = {}
         for doc in docs:
-            by_campaign.setdefault(_key(doc.get("campaignId")), []).append(doc)
+            if doc["_id"] not in self.refused:
+                by_campaign.setdefault(_key(doc.get("campaignId")), []).append(doc)
         status, reason = outcome
         ended = 0
         chunks = [
@@ -347,8 +352,11 @@ class Messages:
             ids = [d["_id"] for d in group]
             try:
                 n = self._end({"_id": {"$in": ids}, **where}, status, reason, now)
-            except WriteError:
-                n = sum(self._end_alone(d["_id"], where, status, reason, now) for d in group)
+            except WriteError:  # some of the group may be written: count what is
+                for message_id in ids:
+                    self._end_alone(message_id, where, status, reason, now)
+                ended_now = {"_id": {"$in": ids}, "status": status, "finishedAt": now}
+                n = self.collection.count_documents(ended_now)
             ended += n
             campaign = group[0].get("campaignId")
             for _ in range(n):
@@ -360,9 +368,14 @@ class Messages:
     ) -> int:
         try:
             return self._end({"_id": message_id, **where}, status, reason, now)
-        except WriteError as exc:
+        except WriteError as exc:  # passed over from now on by this process, logged once
+            self.refused.add(message_id)
             logger.error(
-                "message {} could not be marked {}: {}", message_id, status, str(exc)[:200]
+                "message {} could not be marked {}: MongoDB refused the write ({}); it is left "
+                "as it is",
+                message_id,
+                status,
+                str(exc)[:200],
             )
             return 0
 

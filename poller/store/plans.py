@@ -18,7 +18,7 @@ from typing import Any
 from pymongo import ASCENDING, DESCENDING
 from pymongo.collection import Collection
 
-from poller.contract import CLAIMED, FINAL, NOT_DONE, SENDING, id_variants
+from poller.contract import CLAIMED, FINAL, NOT_DONE, SENDING, SENT, id_variants
 from poller.store.base import Doc, create_index
 from poller.store.messages import CAMPAIGN_INDEX, FIELDS, LEASE_INDEX, UNPICKED, gone
 from poller.timings import Timings
@@ -30,6 +30,10 @@ QUEUE_INDEX = [("plannedAt", ASCENDING)]
 # One lane's waiting messages in claim order (to plan it again), and in planned order.
 LANE_INDEX = [("lane", ASCENDING), ("priority", DESCENDING), ("plannedAt", ASCENDING)]
 PLAN_INDEX = [("lane", ASCENDING), ("plannedAt", ASCENDING)]
+# What an operator counts: messages sent, and ended otherwise, by when; receipts by when.
+SENT_INDEX = [("sentAt", ASCENDING)]
+ENDED_INDEX = [("status", ASCENDING), ("finishedAt", ASCENDING)]
+RECEIPT_TIME_INDEXES = ([("deliveredAt", ASCENDING)], [("readAt", ASCENDING)])
 # The holds of versions before plans (heldUntil): read once, at start-up.
 HOLD_INDEX = [("heldUntil", ASCENDING)]
 PLANNED = {"plannedAt": {"$exists": True}}
@@ -50,6 +54,11 @@ class Plans:
         create_index(self.collection, LANE_INDEX, "poller_lane", **waiting)
         create_index(self.collection, PLAN_INDEX, "poller_plan", **waiting)
         create_index(self.collection, HOLD_INDEX, "poller_hold", sparse=True)
+        create_index(self.collection, SENT_INDEX, "poller_sent", sparse=True)
+        ended = {"partialFilterExpression": {"finishedAt": {"$exists": True}}}
+        create_index(self.collection, ENDED_INDEX, "poller_ended", **ended)
+        for keys in RECEIPT_TIME_INDEXES:
+            create_index(self.collection, keys, f"poller_{keys[0][0]}", sparse=True)
 
     # -- the tick's reads ------------------------------------------------------------------------
 
@@ -137,55 +146,53 @@ class Plans:
         """Messages due now and not being sent: planned for now or earlier and before their
         deadline, or not yet seen and due."""
         cutoff = now - self.timings.lookback
-        planned = {"plannedAt": {"$gte": cutoff, "$lte": now}, **UNPICKED, **NOT_DONE}
-        fresh = {"lane": None, **UNPICKED, "scheduledAt": {"$gte": cutoff, "$lte": now}, **NOT_DONE}
+        planned = {"plannedAt": {"$gte": cutoff, "$lte": now}, **UNPICKED}
+        fresh = {"lane": None, **UNPICKED, "scheduledAt": {"$gte": cutoff, "$lte": now}}
         return self.collection.count_documents(
             planned, hint=QUEUE_INDEX
         ) + self.collection.count_documents(fresh, hint=NEW_INDEX)
 
-    def planned_later(self, now: datetime) -> int:
-        """Messages planned for later than now, not being sent."""
-        query = {"plannedAt": {"$gt": now}, **UNPICKED, **NOT_DONE}
-        return self.collection.count_documents(query, hint=QUEUE_INDEX)
-
     def later(self, now: datetime) -> int:
         """Messages scheduled for later, not yet seen."""
-        query = {"lane": None, **UNPICKED, "scheduledAt": {"$gt": now}, **NOT_DONE}
+        query = {"lane": None, **UNPICKED, "scheduledAt": {"$gt": now}}
         return self.collection.count_documents(query, hint=NEW_INDEX)
 
-    def first(self, lane: str) -> datetime | None:
-        """The lane's first plannedAt (`poller status`)."""
-        found = self.collection.find_one(
-            {"lane": lane, **PLANNED, **UNPICKED, **NOT_DONE},
-            {"plannedAt": 1},
-            hint=PLAN_INDEX,
-            sort=[("plannedAt", ASCENDING)],
-        )
-        return found["plannedAt"] if found else None
+    # Each count below follows an index and counts its keys: no document is read.
 
     def in_progress(self) -> int:
-        return self.collection.count_documents({"status": {"$in": [CLAIMED, SENDING]}})
+        """Claims and sends in flight (the only messages with a lease)."""
+        query = {"status": {"$in": [CLAIMED, SENDING]}}
+        return self.collection.count_documents(query, hint=LEASE_INDEX)
 
     def outcomes_since(self, since: datetime) -> dict[str, int]:
         """How many messages ended in each final status since `since`."""
-        ended = {"$or": [{"sentAt": {"$gte": since}}, {"finishedAt": {"$gte": since}}]}
-        rows = self.collection.aggregate(
-            [{"$match": ended}, {"$group": {"_id": "$status", "n": {"$sum": 1}}}]
-        )
-        by_status = {row["_id"]: row["n"] for row in rows}
-        return {status: by_status.get(status, 0) for status in FINAL}
+        counts = {
+            SENT: self.collection.count_documents({"sentAt": {"$gte": since}}, hint=SENT_INDEX)
+        }
+        for status in FINAL:
+            if status != SENT:
+                query = {"status": status, "finishedAt": {"$gte": since}}
+                counts[status] = self.collection.count_documents(query, hint=ENDED_INDEX)
+        return {status: counts[status] for status in FINAL}
 
     def receipts_since(self, since: datetime) -> dict[str, int]:
         """How many messages were delivered, and read, since `since` (their receipts)."""
         return {
-            "delivered": self.collection.count_documents({"deliveredAt": {"$gte": since}}),
-            "read": self.collection.count_documents({"readAt": {"$gte": since}}),
+            name: self.collection.count_documents({field: {"$gte": since}}, hint=[(field, 1)])
+            for name, field in (("delivered", "deliveredAt"), ("read", "readAt"))
         }
 
-    def count(self, lane: str) -> int:
-        """How many messages wait in the lane (`poller status`)."""
-        query = {"lane": lane, **PLANNED, **UNPICKED, **NOT_DONE}
-        return self.collection.count_documents(query, hint=PLAN_INDEX)
+    def lanes(self) -> dict[str, tuple[int, datetime]]:
+        """Each lane's messages in its plan (waiting, or being sent) and its first planned
+        time, for the lanes that have any: one read of the plan's index, no document."""
+        rows = self.collection.aggregate(
+            [
+                {"$match": {"lane": {"$type": "string"}, "plannedAt": {"$type": "date"}}},
+                {"$group": {"_id": "$lane", "n": {"$sum": 1}, "first": {"$min": "$plannedAt"}}},
+            ],
+            hint=dict(PLAN_INDEX),
+        )
+        return {row["_id"]: (row["n"], row["first"]) for row in rows}
 
 
 def unplanned_query(
