@@ -34,7 +34,7 @@ from poller.watch import Watcher
 
 # Early ticks start at least this long after the previous tick started: messages due a few
 # milliseconds apart are claimed by one tick, not one tick each.
-TICK_GAP = timedelta(milliseconds=250)
+TICK_GAP = timedelta(milliseconds=100)
 
 
 class Poller:

@@ -98,7 +98,7 @@ class Receiver:
         ack, waha_id = payload.get("ack"), payload.get("id")
         if not isinstance(ack, int) or isinstance(ack, bool) or not isinstance(waha_id, str):
             return
-        message = self.store.messages.acknowledge(waha_id, ack, at)
+        message = self.store.receipts.acknowledge(waha_id, ack, at)
         with self._lock:
             self.acks[str(ack) if message is not None else "unknown"] += 1
             if message is not None and message.get("campaignId") is not None:

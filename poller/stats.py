@@ -29,7 +29,7 @@ from poller.contract import (
 OUTCOMES = ("sent", "failed", "expired", "unknown", "cancelled")
 # The receipts counts in `stats` (delivery receipts, with EVENTS=webhook).
 RECEIPTS = ("delivered", "read", "deliveryFailed")
-# Acks as WAHA numbers them: 2 DEVICE (delivered), 3 READ.
+# Acks as WAHA numbers them: 2 DEVICE (delivered), 3 READ (see store/receipts.py).
 DELIVERED, READ = 2, 3
 
 

@@ -77,6 +77,7 @@ def tick(
     # Once a POLL_INTERVAL_SECONDS: the recurring schedules, and the open campaigns' checks.
     last = t.memory.checked_at
     regular = last is None or started - last >= store.timings.tick_interval
+    failed = True
     try:
         occurs = t.memory.occurs_at
         if regular or (occurs is not None and occurs <= started):
@@ -98,7 +99,8 @@ def tick(
         while not t.stop.is_set() and (first or not _all_down(t)):
             if _quiet(t, counts, later):
                 break
-            claimed = _claim(t, clock(), started, batch_size, counts, first)
+            # Claims whose poller went away: at a regular tick (their lease is longer).
+            claimed = _claim(t, clock(), started, batch_size, counts, first and regular)
             later.append(claimed.next_at)
             first, waited = False, waited or claimed.waited
             if claimed.gate is None:  # nothing claimed
@@ -111,9 +113,12 @@ def tick(
         if backlog:
             later.append(_settle_backlog(t, counts))
         counts.next_at = _next_at(t, started, later, waited or counts.claimed > 0)
+        failed = False
     finally:
         # Even after a failure: what ended before it must show in its campaign.
         rollup.rollup(t, flags, counts, clock(), regular)
+        if failed:  # the next tick is a regular one: it takes over what this one left
+            t.memory.checked_at = None
     return counts
 
 
@@ -195,11 +200,11 @@ class _Claimed:
 
 
 def _claim(
-    t: Context, now: datetime, since: datetime, limit: int, counts: TickCounts, first: bool
+    t: Context, now: datetime, since: datetime, limit: int, counts: TickCounts, lapsed: bool
 ) -> _Claimed:
     """One read of the queue across every lane: settle what is past its deadline, then claim up
     to `limit` due messages, each lane's in priority order, one a lane when sends are paced
-    (its turn). The first round of a tick also takes over claims whose poller went away."""
+    (its turn). With `lapsed`, also take over claims whose poller went away."""
     store, cutoff = t.store, now - t.store.timings.lookback
     until = now + store.timings.tick_interval
     skip: set[str] = set()
@@ -221,8 +226,8 @@ def _claim(
         skip |= blocked
     counts.replanned += lanes.correct(t, now, {k: v for k, v in due.items() if k not in blocked})
     chosen = _choose(t, due, blocked, now, limit)
-    lapsed = store.plans.lapsed(now, since, limit) if first else []
-    batch = _take_over(t, lapsed, now, since, counts) + store.messages.claim(chosen, now)
+    gone = store.plans.lapsed(now, since, limit) if lapsed else []
+    batch = _take_over(t, gone, now, since, counts) + store.messages.claim(chosen, now)
     coming = [d["plannedAt"] for d in waiting if d["plannedAt"] > now]
     coming += [d["retryAt"] for ds in due.values() for d in ds if _retry_at(d, now)]
     if full:

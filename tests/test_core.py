@@ -340,3 +340,56 @@ def test_a_late_message_mongodb_refuses_to_settle_does_not_stop_the_rest(
     assert [m.chat_id for m in waha.sent] == ["447700900002@c.us"]
     assert collection.find_one({"chatId": "447700900001"})["status"] == "expired"
     assert collection.find_one({"chatId": "447700900666"}).get("status") is None
+
+
+def test_a_message_mongodb_refuses_to_claim_does_not_stop_the_rest(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    now = utcnow()
+    store.messages.collection.insert_many(
+        [message(now, chat_id="447700900666"), message(now, chat_id="447700900002")]
+    )
+    refuses = {"$or": [{"chatId": {"$ne": "447700900666"}}, {"isPicked": {"$ne": True}}]}
+    collection = store.messages.collection
+    collection.database.command("collMod", collection.name, validator=refuses)
+    try:
+        counts = run_tick(store, settings, now)
+    finally:
+        collection.database.command("collMod", collection.name, validator={})
+
+    assert counts.sent == 1 and [m.chat_id for m in waha.sent] == ["447700900002@c.us"]
+    assert collection.find_one({"chatId": "447700900666"})["isPicked"] is False
+
+
+# -- upgrading -----------------------------------------------------------------------------------
+
+
+def test_what_the_previous_version_left_is_sent(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    """The previous version took a paused campaign's messages out of the plan (a lane, no
+    plannedAt, `heldAt` on the campaign), stranded a claim it gave back while a campaign was
+    paused (a lane, no plannedAt, no `heldAt`), and versions before it held messages back with
+    `heldUntil`: each is sent by this version."""
+    now = utcnow()
+    held = store.campaigns.collection.insert_one(
+        {"name": "Held", "status": "paused", "heldAt": now - seconds(600), "stats": {"total": 1}}
+    ).inserted_id
+    resumed = campaign(store)
+    old = now - seconds(900)
+    store.messages.collection.insert_many(
+        [
+            message(old, chat_id="447700900001", campaignId=held, lane="default", priority=0),
+            message(old, chat_id="447700900002", campaignId=resumed, lane="default", priority=0),
+            message(old, chat_id="447700900003", heldUntil=now - seconds(5)),
+        ]
+    )
+
+    first = run_tick(store, settings, now)
+    assert first.sent == 2 and first.expired == 0
+    store.campaigns.collection.update_one({"_id": held}, {"$set": {"status": "running"}})
+    assert run_tick(store, settings, now + seconds(1)).sent == 1
+
+    assert sorted(m.chat_id for m in waha.sent) == [f"44770090000{n}@c.us" for n in (1, 2, 3)]
+    for campaign_id in (held, resumed):
+        assert doc(store, "campaigns", campaign_id)["status"] == "completed"

@@ -5,6 +5,7 @@ collection's queries and indexes.
                       outcomes), the one home of a message's life
     store.plans       the same collection: its reads (what waits in each session's lane, when
                       it goes, what an operator counts)
+    store.receipts    the same collection: delivery receipts on the messages sent
     store.turns       one document per WhatsApp session: whose turn it is to send (pacing), its
                       plan's next free slot, why it cannot send
     store.campaigns   campaign pause/cancel flags, and their rolled-up stats
@@ -31,6 +32,7 @@ from poller.store.heartbeats import Heartbeats
 from poller.store.messages import Messages
 from poller.store.optouts import Optouts
 from poller.store.plans import Plans
+from poller.store.receipts import Receipts
 from poller.store.sessions import Sessions
 from poller.store.turns import BUSY, CAPPED, TAKEN, Turns
 from poller.timings import Timings
@@ -48,6 +50,7 @@ class Store:
         self.db = db
         self.messages = Messages(db[settings.messages_collection], self.timings, self.owner)
         self.plans = Plans(db[settings.messages_collection], self.timings, self.owner)
+        self.receipts = Receipts(db[settings.messages_collection])
         self.turns = Turns(db[settings.pacing_collection], self.timings, self.owner)
         self.campaigns = Campaigns(db[settings.campaigns_collection], self.messages.collection)
         self.sessions = Sessions(db[settings.sessions_collection])
@@ -79,6 +82,7 @@ class Store:
         """Create the indexes every part needs (idempotent); reaches MongoDB or raises."""
         self.messages.ensure_indexes()
         self.plans.ensure_indexes()
+        self.receipts.ensure_indexes()
         self.campaigns.ensure_indexes()
         self.heartbeats.ensure_indexes()
         self.optouts.ensure_indexes()

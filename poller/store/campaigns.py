@@ -119,7 +119,11 @@ class Campaigns:
 
     def recount(self, campaign_id: Any, now: datetime) -> bool:
         """Count an open campaign's messages afresh; complete it when none of them can still be
-        sent (a cancelled one keeps its status). True when it completed."""
+        sent (a cancelled one keeps its status). True when it completed. A campaign that has
+        finished, or that no document describes, is not read."""
+        unfinished = {"_id": {"$in": id_variants(campaign_id)}, **_unfinished()}
+        if self.collection.find_one(unfinished, {"_id": 1}) is None:
+            return False
         rows = list(self.messages.aggregate(recount_pipeline(campaign_id)))
         stats, still_open, eta = stats_from(rows)
         fields: Doc = {"stats": stats, "recountedAt": now, "eta": eta}
@@ -128,9 +132,7 @@ class Campaigns:
             cancelled = {"$eq": ["$status", CANCELLED]}
             fields["status"] = {"$cond": [cancelled, CANCELLED, done]}
             fields["completedAt"] = now
-        result = self.collection.update_one(
-            {"_id": {"$in": id_variants(campaign_id)}, **_unfinished()}, [{"$set": fields}]
-        )
+        result = self.collection.update_one(unfinished, [{"$set": fields}])
         return still_open == 0 and result.modified_count == 1
 
     def set_eta(self, campaign_id: Any, eta: datetime | None) -> None:

@@ -46,42 +46,11 @@ from poller.timings import Timings
 ID_INDEX = [("_id", ASCENDING)]
 LEASE_INDEX = [("leaseUntil", ASCENDING)]
 CAMPAIGN_INDEX = [("campaignId", ASCENDING), ("isPicked", ASCENDING), ("plannedAt", ASCENDING)]
-RECEIPT_INDEX = [("wahaMessageId", ASCENDING)]
-# Acks as WAHA numbers them: -1 ERROR, 0 PENDING, 1 SERVER, 2 DEVICE, 3 READ, 4 PLAYED.
-DELIVERED, READ, ACK_ERROR = 2, 3, -1
-DELIVERY_ERROR = "WhatsApp reported that it could not deliver the message (ack -1, ERROR)."
 # The most messages one write ends: each write stays well inside MONGODB_TIMEOUT_SECONDS.
 SETTLE_CHUNK = 200
 # Fields an outcome removes: the message no longer waits, nor holds a lease.
 ENDED = ["leaseUntil", "retryAt", "heldUntil", "plannedAt"]
 UNPICKED = {"isPicked": {"$ne": True}}
-# What every step needs to know of a message it read.
-FIELDS = {
-    "session": 1,
-    "sessionId": 1,
-    "campaignId": 1,
-    "chatId": 1,
-    "scheduledAt": 1,
-    "heldUntil": 1,
-    "plannedAt": 1,
-    "priority": 1,
-    "content": 1,
-    "retryAt": 1,
-    "isSent": 1,
-    "isDeleted": 1,
-    "isPicked": 1,
-    "lane": 1,
-    "status": 1,
-    "inDoubt": 1,
-    "sendId": 1,
-    "leaseUntil": 1,
-    "pickedBy": 1,
-    "pickedAt": 1,
-    "lastError": 1,
-    "attempts": 1,
-    "optOutReply": 1,
-    "wahaServer": 1,
-}
 
 
 class Messages:
@@ -93,10 +62,10 @@ class Messages:
         self.refused: set[Any] = set()
 
     def ensure_indexes(self) -> None:
-        """The indexes of leases, campaigns and receipts (`queue` makes those of the plan)."""
+        """The indexes of leases and campaigns (`plans` makes those of the plan, `receipts`
+        those of receipts)."""
         create_index(self.collection, LEASE_INDEX, "poller_lease", sparse=True)
         create_index(self.collection, CAMPAIGN_INDEX, "poller_campaign_queue")
-        create_index(self.collection, RECEIPT_INDEX, "poller_receipt", sparse=True)
 
     def insert(self, docs: list[Doc]) -> int:
         """Write new messages (a recurring schedule's occurrence), each at most once: an `_id`
@@ -127,19 +96,13 @@ class Messages:
 
     def note(self, ids: list[Any], reason: str) -> None:
         """Say in lastError why these waiting messages wait (once per reason)."""
-        if ids:
-            self.collection.update_many(
-                {"_id": {"$in": ids}, **UNPICKED, "lastError": {"$ne": reason}},
-                {"$set": {"lastError": reason}},
-            )
+        self._update(
+            ids, {**UNPICKED, "lastError": {"$ne": reason}}, {"$set": {"lastError": reason}}
+        )
 
     def forget(self, message_ids: list[Any]) -> None:
         """Unplan messages the web app rescheduled to later: planned again once due."""
-        if message_ids:
-            self.collection.update_many(
-                {"_id": {"$in": message_ids}, **UNPICKED},
-                {"$unset": {"plannedAt": "", "lane": ""}},
-            )
+        self._update(message_ids, UNPICKED, {"$unset": {"plannedAt": "", "lane": ""}})
 
     def retire(self, docs: list[Doc], tally: Tally) -> None:
         """Take messages the web app marked sent or deleted out of the queue (`isPicked`); their
@@ -147,9 +110,8 @@ class Messages:
         ids = [d["_id"] for d in docs if done(d)]
         if not ids:
             return
-        self.collection.update_many(
-            {"_id": {"$in": ids}, **UNPICKED},
-            {"$set": {"isPicked": True}, "$unset": {f: "" for f in ENDED}},
+        self._update(
+            ids, UNPICKED, {"$set": {"isPicked": True}, "$unset": dict.fromkeys(ENDED, "")}
         )
         tally.recount(d.get("campaignId") for d in docs)
 
@@ -182,8 +144,9 @@ class Messages:
     def _take(self, query: Doc, ids: list[Any], now: datetime) -> list[Doc]:
         if not ids:
             return []
-        self.collection.update_many(
-            {"_id": {"$in": ids}, **query},
+        self._update(
+            ids,
+            query,
             [
                 {
                     "$set": {
@@ -207,10 +170,8 @@ class Messages:
 
     def extend(self, message_ids: Iterable[Any], until: datetime) -> None:
         """Renew the lease on claims this poller still holds."""
-        self.collection.update_many(
-            {"_id": {"$in": list(message_ids)}, "pickedBy": self.owner, "status": CLAIMED},
-            {"$set": {"leaseUntil": until}},
-        )
+        mine = {"pickedBy": self.owner, "status": CLAIMED}
+        self._update(list(message_ids), mine, {"$set": {"leaseUntil": until}})
 
     def release(
         self,
@@ -232,25 +193,22 @@ class Messages:
             fields["lastError"] = reason
         if retry_at is not None:
             fields["retryAt"] = retry_at
-        result = self.collection.update_many(
-            {"_id": {"$in": ids}, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
-            {"$set": fields, "$unset": {"pickedBy": "", "leaseUntil": ""}},
+        mine = {"pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}}
+        return self._update(
+            ids, mine, {"$set": fields, "$unset": {"pickedBy": "", "leaseUntil": ""}}
         )
-        return result.modified_count
 
     def give_back(self, ids: list[Any], now: datetime, since: datetime) -> int:
         """Put claims whose poller went away back to wait, as planned (their campaign is
         paused, or their session cannot send now)."""
-        if not ids:
-            return 0
-        result = self.collection.update_many(
-            {"_id": {"$in": ids}, "status": CLAIMED, **gone(self.owner, now, since)},
+        return self._update(
+            ids,
+            {"status": CLAIMED, **gone(self.owner, now, since)},
             {
                 "$set": {"isPicked": False, "status": PENDING},
                 "$unset": {"pickedBy": "", "leaseUntil": ""},
             },
         )
-        return result.modified_count
 
     # -- sending, and its outcome ---------------------------------------------------------------
 
@@ -369,14 +327,7 @@ class Messages:
         try:
             return self._end({"_id": message_id, **where}, status, reason, now)
         except WriteError as exc:  # passed over from now on by this process, logged once
-            self.refused.add(message_id)
-            logger.error(
-                "message {} could not be marked {}: MongoDB refused the write ({}); it is left "
-                "as it is",
-                message_id,
-                status,
-                str(exc)[:200],
-            )
+            self._refuse(message_id, exc)
             return 0
 
     def _end(self, query: Doc, status: str, reason: str | Doc, now: datetime) -> int:
@@ -401,6 +352,36 @@ class Messages:
         )
         return result.modified_count
 
+    def _update(self, ids: list[Any], query: Doc, update: Any) -> int:
+        """Update these messages where `query` still holds; how many changed. Where MongoDB
+        refuses one of them (a field of the wrong type, a validator), each is written alone: the
+        refused ones are left as they are, and passed over by this process from then on."""
+        ids = [i for i in ids if i not in self.refused]
+        if not ids:
+            return 0
+        try:
+            return self.collection.update_many(
+                {"_id": {"$in": ids}, **query}, update
+            ).modified_count
+        except WriteError:
+            changed = 0
+            for message_id in ids:
+                try:
+                    changed += self.collection.update_one(
+                        {"_id": message_id, **query}, update
+                    ).modified_count
+                except WriteError as exc:
+                    self._refuse(message_id, exc)
+            return changed
+
+    def _refuse(self, message_id: Any, exc: WriteError) -> None:
+        self.refused.add(message_id)
+        logger.error(
+            "message {}: MongoDB refused to update it ({}); it is left as it is",
+            message_id,
+            str(exc)[:200],
+        )
+
     def _bulk(self, ops: list[UpdateOne], what: str) -> int:
         if not ops:
             return 0
@@ -410,27 +391,6 @@ class Messages:
             errors = exc.details.get("writeErrors", [])
             logger.error("{} message(s) could not be {}: {}", len(errors), what, str(exc)[:300])
             return int(exc.details.get("nModified", 0))
-
-    # -- receipts --------------------------------------------------------------------------------
-
-    def acknowledge(self, waha_message_id: str, ack: int, at: datetime) -> Doc | None:
-        """Record a delivery receipt on the message WAHA knows as `waha_message_id`: `ack`
-        only ever rises; `deliveredAt` and `readAt` are the first times it reached 2 and 3; an
-        ack of -1 notes `deliveryError` (its status stays `sent`). Any order, any repeat, the
-        same result. The message (its `campaignId`), or None when no message has that id."""
-        fields: Doc = {"ack": {"$max": ["$ack", ack]}}
-        if ack >= DELIVERED:
-            fields["deliveredAt"] = {"$ifNull": ["$deliveredAt", at]}
-        if ack >= READ:
-            fields["readAt"] = {"$ifNull": ["$readAt", at]}
-        if ack == ACK_ERROR:
-            fields["deliveryError"] = {"$ifNull": ["$deliveryError", DELIVERY_ERROR]}
-        return self.collection.find_one_and_update(
-            {"wahaMessageId": waha_message_id},
-            [{"$set": fields}],
-            {"campaignId": 1},
-            hint=RECEIPT_INDEX,
-        )
 
 
 def gone(owner: str, now: datetime, since: datetime) -> Doc:

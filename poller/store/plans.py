@@ -20,7 +20,7 @@ from pymongo.collection import Collection
 
 from poller.contract import CLAIMED, FINAL, NOT_DONE, SENDING, SENT, id_variants
 from poller.store.base import Doc, create_index
-from poller.store.messages import CAMPAIGN_INDEX, FIELDS, LEASE_INDEX, UNPICKED, gone
+from poller.store.messages import CAMPAIGN_INDEX, LEASE_INDEX, UNPICKED, gone
 from poller.timings import Timings
 
 # Messages the poller has not planned yet have no lane, in due order.
@@ -37,6 +37,33 @@ RECEIPT_TIME_INDEXES = ([("deliveredAt", ASCENDING)], [("readAt", ASCENDING)])
 # The holds of versions before plans (heldUntil): read once, at start-up.
 HOLD_INDEX = [("heldUntil", ASCENDING)]
 PLANNED = {"plannedAt": {"$exists": True}}
+# What every step needs to know of a message it read.
+FIELDS = {
+    "session": 1,
+    "sessionId": 1,
+    "campaignId": 1,
+    "chatId": 1,
+    "scheduledAt": 1,
+    "heldUntil": 1,
+    "plannedAt": 1,
+    "priority": 1,
+    "content": 1,
+    "retryAt": 1,
+    "isSent": 1,
+    "isDeleted": 1,
+    "isPicked": 1,
+    "lane": 1,
+    "status": 1,
+    "inDoubt": 1,
+    "sendId": 1,
+    "leaseUntil": 1,
+    "pickedBy": 1,
+    "pickedAt": 1,
+    "lastError": 1,
+    "attempts": 1,
+    "optOutReply": 1,
+    "wahaServer": 1,
+}
 # The most messages one planning step reads: the rest are planned by the next.
 ADOPT_CHUNK = 500
 
