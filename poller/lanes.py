@@ -47,14 +47,16 @@ def plan(
     t: Context, docs: list[Doc], now: datetime, counts: TickCounts, resumed: bool = False
 ) -> None:
     """Plan messages not yet planned (due, or of a `resumed` campaign: from now) into their
-    lanes, one write each; a message whose priority is not a number fails."""
+    lanes, one write each; a message whose priority is not a number fails. A message of a
+    paused campaign is parked at its due time, taking no slot: it waits there, never claimed
+    nor expired, until its campaign resumes and plans it again."""
     if not docs:
         return
     names = t.store.sessions.names(docs)
     lane_docs = t.store.turns.lanes()
     slots: dict[str, Slots] = {}
     rows: list[tuple[Any, Doc]] = []
-    held = 0
+    held, paused = 0, {str(c) for c in t.held}
     for doc in docs:
         rank = priority(doc)
         if isinstance(rank, str):
@@ -63,7 +65,10 @@ def plan(
             logger.warning("message {} failed: {}", doc["_id"], rank)
             continue
         lane = session_name(doc, names) or ""  # "" : sending fails it with the reason
-        at, why = _slot(t, now, lane, doc, rank, slots, lane_docs, resumed)
+        if str(doc.get("campaignId")) in paused:  # parked at its due time: no slot taken
+            at, why = allowed(t.pacing, _due(doc, now), None)
+        else:
+            at, why = _slot(t, now, lane, doc, rank, slots, lane_docs, resumed)
         fields: Doc = {"lane": lane, "priority": rank, "plannedAt": at}
         if why is not None:
             fields["lastError"] = why

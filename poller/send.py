@@ -31,6 +31,10 @@ from poller.store import BUSY, CAPPED, Doc, Store
 from poller.store.optouts import OPTED_OUT
 from poller.waha import Outcome, Verdict, WahaClient
 
+OPTED_OUT_DOUBT = (
+    "Not sent again: the recipient opted out, but an earlier attempt may have reached "
+    "WhatsApp. Check the chat."
+)
 # Sessions sent for side by side in one tick; more wait for the next round.
 MAX_PARALLEL_SESSIONS = 32
 
@@ -120,8 +124,12 @@ def _send_one(t: Context, doc: Doc, names: dict[str, str], gate: Gate, counts: T
     if _moved_in_doubt(t, doc, ready, server, counts):
         return
     if gate.opted_out_of(ready.session, ready.chat_id, doc):
-        messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock(), counts.stats)
-        counts.cancelled += 1
+        if doc.get("inDoubt") is True:  # an earlier attempt may have reached WhatsApp
+            messages.finish(doc["_id"], UNKNOWN, OPTED_OUT_DOUBT, t.clock(), counts.stats)
+            counts.unknown += 1
+        else:
+            messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock(), counts.stats)
+            counts.cancelled += 1
         logger.info("message {} not sent: {} opted out", doc["_id"], ready.chat_id)
         return
     cap = daily_cap(t, ready.session)

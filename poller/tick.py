@@ -153,7 +153,7 @@ def _plan_new(t: Context, counts: TickCounts) -> tuple[datetime | None, bool]:
     cutoff = now - store.timings.lookback
     since, backlog = None, False
     while not t.stop.is_set():
-        docs = store.plans.unplanned(until, t.held, since=since)
+        docs = store.plans.unplanned(until, since=since)
         store.messages.retire([d for d in docs if done(d)], counts.stats)
         dated = [d for d in docs if isinstance(d.get("scheduledAt"), datetime) and not done(d)]
         if since is None:
@@ -179,7 +179,7 @@ def _settle_backlog(t: Context, counts: TickCounts) -> datetime | None:
     for _ in range(SETTLE_CHUNKS_AFTER_SENDING):
         if t.stop.is_set():
             return None
-        docs = store.plans.unplanned(cutoff, t.held, settle.CHUNK)
+        docs = store.plans.unplanned(cutoff, settle.CHUNK)
         late = [d for d in docs if isinstance(d.get("scheduledAt"), datetime) and not done(d)]
         settle.too_late_new(store, [d for d in late if d["scheduledAt"] < cutoff], now, counts)
         if len(docs) < settle.CHUNK:

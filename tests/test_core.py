@@ -114,6 +114,23 @@ def test_a_paused_message_keeps_its_place_and_never_expires(
     assert doc(store, "campaigns", campaign_id)["status"] == "completed"
 
 
+def test_a_message_already_too_late_when_first_seen_expires_though_its_campaign_is_paused(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    """Written 200 s past its scheduledAt into a paused campaign: it was never sendable in
+    time, so it expires when first seen, and the resume does not send it."""
+    now = utcnow()
+    campaign_id = campaign(store, "paused")
+    message_id = store.messages.collection.insert_one(
+        message(now - seconds(200), campaignId=campaign_id)
+    ).inserted_id
+    assert run_tick(store, settings, now).expired == 1
+    store.campaigns.collection.update_one({"_id": campaign_id}, {"$set": {"status": "running"}})
+
+    assert run_tick(store, settings, now + seconds(600)).sent == 0
+    assert get(store, message_id)["status"] == "expired" and waha.sent == []
+
+
 # -- one definition of done ----------------------------------------------------------------------
 
 
@@ -195,37 +212,27 @@ def test_without_pacing_a_message_is_never_sent_past_its_scheduled_time_and_the_
     assert [m.chat_id for m in waha.sent] == ["447700900002@c.us"]
 
 
-def test_a_message_seen_late_and_retried_is_never_sent_past_its_scheduled_window(
-    store: Store, settings: Settings, waha: WahaSimulator
-) -> None:
-    """Seen 100 s after its scheduledAt, tried at once and refused for now: 30 s later it is
-    past the window of its scheduledAt (not of the time it was first seen)."""
-    now = utcnow()
-    ids = "/api/default/new-message-id"
-    waha.raw_answers[ids] = (503, "application/json", '{"message": "Service Unavailable"}')
-    message_id = store.messages.collection.insert_one(message(now - seconds(100))).inserted_id
-    assert run_tick(store, settings, now).retried == 1
-    del waha.raw_answers[ids]
-
-    counts = run_tick(store, settings, now + seconds(30))
-
-    assert counts.sent == 0 and get(store, message_id)["status"] == "expired"
-    assert waha.sent == []
-
-
-def test_a_retry_is_never_sent_past_the_window(
-    store: Store, settings: Settings, waha: WahaSimulator
+@pytest.mark.parametrize(
+    ("due", "retried"),
+    [
+        # Seen 100 s after its scheduledAt, tried at once, refused for now: 30 s later it is past
+        # the window of its scheduledAt (not of the time it was first seen).
+        (-100, 30),
+        # Due now, refused for now: its retry comes past the window.
+        (0, 149),
+    ],
+)
+def test_a_retry_is_never_sent_past_the_window_of_its_scheduled_time(
+    store: Store, settings: Settings, waha: WahaSimulator, due: float, retried: float
 ) -> None:
     now = utcnow()
     ids = "/api/default/new-message-id"
     waha.raw_answers[ids] = (503, "application/json", '{"message": "Service Unavailable"}')
-    message_id = store.messages.collection.insert_one(
-        message(now, chat_id="447700900001")
-    ).inserted_id
+    message_id = store.messages.collection.insert_one(message(now + seconds(due))).inserted_id
     assert run_tick(store, settings, now).retried == 1
     del waha.raw_answers[ids]
 
-    counts = run_tick(store, settings, now + seconds(settings.lookback_seconds + 29))
+    counts = run_tick(store, settings, now + seconds(retried))
 
     assert counts.sent == 0 and get(store, message_id)["status"] == "expired"
     assert waha.sent == []
@@ -393,3 +400,31 @@ def test_what_the_previous_version_left_is_sent(
     assert sorted(m.chat_id for m in waha.sent) == [f"44770090000{n}@c.us" for n in (1, 2, 3)]
     for campaign_id in (held, resumed):
         assert doc(store, "campaigns", campaign_id)["status"] == "completed"
+
+
+def test_a_send_in_doubt_whose_chat_opted_out_ends_unknown_not_cancelled(
+    store: Store, settings: Settings, waha: WahaSimulator
+) -> None:
+    """A poller died while WAHA delivered the message; the chat opts out before it is taken
+    over: it may have reached WhatsApp, so it is not "not sent"."""
+    now = utcnow()
+    message_id = store.messages.collection.insert_one(
+        message(
+            now - seconds(5),
+            isPicked=True,
+            status="sending",
+            sendId="AB12",
+            pickedBy="dead-poller",
+            pickedAt=now - seconds(5),
+            leaseUntil=now - seconds(1),
+            lane="default",
+            plannedAt=now - seconds(5),
+        )
+    ).inserted_id
+    store.optouts.add("default", "447700900123@c.us", now, "STOP")
+
+    counts = run_tick(store, settings, now)
+
+    assert (counts.unknown, counts.cancelled) == (1, 0) and waha.sent == []
+    doc_ = get(store, message_id)
+    assert doc_["status"] == "unknown" and "opted out" in doc_["lastError"]

@@ -490,7 +490,7 @@ def test_plan_and_claim_queries_read_only_what_they_return(
         assert "IXSCAN" in text and "COLLSCAN" not in text
         assert explained["executionStats"]["totalDocsExamined"] == 1
     assert [d["_id"] for d in store.plans.planned(now, [], [], 5)] == [due["_id"]]
-    assert [d["_id"] for d in store.plans.unplanned(now, [])] == [new["_id"]]
+    assert [d["_id"] for d in store.plans.unplanned(now)] == [new["_id"]]
 
 
 def test_claim_is_exclusive_between_two_pollers(

@@ -95,11 +95,6 @@ class Campaigns:
         """Write a campaign (a recurring schedule's occurrence) unless its `_id` exists."""
         return insert_once(self.collection, [campaign]) == 1
 
-    def status(self, campaign_id: Any) -> Any:
-        """A campaign's status as the web app (or the poller) wrote it; None without one."""
-        found = self.collection.find_one({"_id": {"$in": id_variants(campaign_id)}}, {"status": 1})
-        return (found or {}).get("status")
-
     # -- stats -----------------------------------------------------------------------------------
 
     def add(self, campaign_id: Any, change: dict[str, int]) -> dict[str, Any] | None:
@@ -134,11 +129,6 @@ class Campaigns:
             fields["completedAt"] = now
         result = self.collection.update_one(unfinished, [{"$set": fields}])
         return still_open == 0 and result.modified_count == 1
-
-    def set_eta(self, campaign_id: Any, eta: datetime | None) -> None:
-        self.collection.update_one(
-            {"_id": campaign_id, "eta": {"$ne": eta}, **_unfinished()}, {"$set": {"eta": eta}}
-        )
 
     def count_receipts(self, campaign_ids: Any) -> None:
         """Recount the delivery receipts of each campaign (`stats.delivered`, `.read`,

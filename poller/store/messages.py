@@ -249,29 +249,25 @@ class Messages:
             "wahaMessageId": waha_message_id,
             "lastError": None,
         }
-        before = self.collection.find_one_and_update(
-            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}},
-            {"$set": fields, "$unset": {f: "" for f in [*ENDED, "inDoubt"]}},
-            {"status": 1, "campaignId": 1},
-            return_document=ReturnDocument.BEFORE,
-        )
-        if before is None:
-            return False
-        tally.moved(before.get("campaignId"), before.get("status"), SENT)
-        return True
+        held = {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}}
+        update = {"$set": fields, "$unset": {f: "" for f in [*ENDED, "inDoubt"]}}
+        return self._end_one(held, update, SENT, tally)
 
     def finish(
         self, message_id: Any, status: str, reason: str, now: datetime, tally: Tally
     ) -> bool:
         """End a message this poller holds as `failed`, `unknown` or `cancelled`, with why."""
+        held = {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}}
+        update = {
+            "$set": {"status": status, "finishedAt": now, "lastError": reason},
+            "$unset": {f: "" for f in ENDED},
+        }
+        return self._end_one(held, update, status, tally)
+
+    def _end_one(self, query: Doc, update: Doc, status: str, tally: Tally) -> bool:
+        """End one message as `status` where `query` holds, counted from the status it had."""
         before = self.collection.find_one_and_update(
-            {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [CLAIMED, SENDING]}},
-            {
-                "$set": {"status": status, "finishedAt": now, "lastError": reason},
-                "$unset": {f: "" for f in ENDED},
-            },
-            {"status": 1, "campaignId": 1},
-            return_document=ReturnDocument.BEFORE,
+            query, update, {"status": 1, "campaignId": 1}, return_document=ReturnDocument.BEFORE
         )
         if before is None:
             return False

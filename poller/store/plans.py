@@ -6,7 +6,8 @@ A tick reads the queue in two reads, whatever the number of lanes: the messages 
 (`unplanned`: the late ones, the due ones, those due before the next tick, and the undated), and
 the planned ones up to the next tick (`planned`: past their deadline, due, coming, and claims
 whose poller went away). Each follows an index within bounds that hold about as many documents
-as it returns. Messages of paused campaigns are filtered out where they are read (`held`).
+as it returns. Planned messages of paused campaigns are filtered out where they are read
+(`held`): they are neither claimed nor expired.
 """
 
 from __future__ import annotations
@@ -90,16 +91,11 @@ class Plans:
     # -- the tick's reads ------------------------------------------------------------------------
 
     def unplanned(
-        self,
-        until: datetime,
-        held: Iterable[Any],
-        limit: int = ADOPT_CHUNK,
-        since: datetime | None = None,
+        self, until: datetime, limit: int = ADOPT_CHUNK, since: datetime | None = None
     ) -> list[Doc]:
         """Messages not yet planned that are due by `until`, or whose scheduledAt is not a date
-        (those first), in due order; not those of a paused campaign. With `since`: only those
-        due from then on."""
-        query = unplanned_query(until, held, since)
+        (those first), in due order. With `since`: only those due from then on."""
+        query = unplanned_query(until, since)
         found = self.collection.find(query, FIELDS, hint=NEW_INDEX, sort=[("scheduledAt", 1)])
         return list(found.limit(limit))
 
@@ -222,12 +218,10 @@ class Plans:
         return {row["_id"]: (row["n"], row["first"]) for row in rows}
 
 
-def unplanned_query(
-    until: datetime, held: Iterable[Any] = (), since: datetime | None = None
-) -> Doc:
+def unplanned_query(until: datetime, since: datetime | None = None) -> Doc:
     """The query of `Plans.unplanned` (on NEW_INDEX; benchmarks explain it)."""
     window = {"$not": {"$gt": until}} if since is None else {"$gte": since, "$lte": until}
-    return {"lane": None, **UNPICKED, "scheduledAt": window, **_not_in(held)}
+    return {"lane": None, **UNPICKED, "scheduledAt": window}
 
 
 def queue_query(until: datetime, held: Iterable[Any] = (), skip_lanes: Iterable[str] = ()) -> Doc:
