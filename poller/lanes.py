@@ -214,7 +214,7 @@ def note_blocked(t: Context, due: dict[str, list[Doc]]) -> set[str]:
         reason = why_not(t, lane)
         if reason is not None:
             blocked.add(lane)
-            t.store.messages.note([d["_id"] for d in docs], reason)
+            t.store.messages.note([d["_id"] for d in docs if d.get("lastError") != reason], reason)
         was = t.memory.blocked.get(lane, "")
         if reason == was:
             continue

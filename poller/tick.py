@@ -219,7 +219,8 @@ def _claim(
         behind = [d for d in waiting if d["plannedAt"] < cutoff]
         settle.behind(store, behind, now, counts)
         due = lanes.lanes_of(d for d in waiting if cutoff <= d["plannedAt"] <= now)
-        blocked = lanes.note_blocked(t, lanes.lanes_of(waiting)) | _busy(t, now, due)
+        busy = _busy(t, now, due)
+        blocked = lanes.note_blocked(t, lanes.lanes_of(waiting)) | busy
         full = len(docs) == 4 * limit + SPARE
         if not (full and (behind or blocked - skip)):
             break
@@ -234,7 +235,7 @@ def _claim(
         coming.append(now)  # more in the queue than this read held
     names = store.sessions.names(batch)
     gate = Gate.read(store, batch, names) if batch else None
-    return _Claimed(batch, names, gate, min(coming, default=None), bool(_busy(t, now, due)))
+    return _Claimed(batch, names, gate, min(coming, default=None), bool(busy))
 
 
 def _choose(
