@@ -47,6 +47,10 @@ class Context:
     # The campaigns whose messages wait, paused (as read at the start of the tick).
     held: tuple[Any, ...] = ()
 
+    def paused(self, doc: Mapping[str, Any]) -> bool:
+        """Whether the message belongs to a campaign in `held` (by id or its hex string)."""
+        return str(doc.get("campaignId")) in {str(c) for c in self.held}
+
 
 class Caps:
     """The sessions' `dailyCap`s, read from the store the first time a tick needs one."""

@@ -56,7 +56,7 @@ def plan(
     lane_docs = t.store.turns.lanes()
     slots: dict[str, Slots] = {}
     rows: list[tuple[Any, Doc]] = []
-    held, paused = 0, {str(c) for c in t.held}
+    held = 0
     for doc in docs:
         rank = priority(doc)
         if isinstance(rank, str):
@@ -65,7 +65,7 @@ def plan(
             logger.warning("message {} failed: {}", doc["_id"], rank)
             continue
         lane = session_name(doc, names) or ""  # "" : sending fails it with the reason
-        if str(doc.get("campaignId")) in paused:  # parked at its due time: no slot taken
+        if t.paused(doc):  # parked at its due time: no slot taken
             at, why = allowed(t.pacing, _due(doc, now), None)
         else:
             at, why = _slot(t, now, lane, doc, rank, slots, lane_docs, resumed)
@@ -154,7 +154,7 @@ def correct(t: Context, now: datetime, due: dict[str, list[Doc]]) -> int:
     message waiting to retry does not make its lane late. How many messages moved."""
     moved = 0
     for lane, docs in due.items():
-        waiting = [d for d in docs if not _retrying(d, now)]
+        waiting = [d for d in docs if retry_at(d, now) is None]
         if waiting and paced(t, lane) and waiting[0]["plannedAt"] < now - drift(t):
             moved += replan(t, lane, now)
     return moved
@@ -232,9 +232,10 @@ def _ahead(doc: Doc, now: datetime) -> bool:
     return isinstance(planned, datetime) and planned >= now
 
 
-def _retrying(doc: Doc, now: datetime) -> bool:
+def retry_at(doc: Doc, now: datetime) -> datetime | None:
+    """When a message waiting to be retried may be claimed again, if that is after `now`."""
     retry = doc.get("retryAt")
-    return isinstance(retry, datetime) and retry > now
+    return retry if isinstance(retry, datetime) and retry > now else None
 
 
 def _due(doc: Doc, now: datetime) -> datetime:

@@ -11,7 +11,8 @@ from typing import Any
 from poller.context import Context
 from poller.contract import done
 from poller.counts import TickCounts
-from poller.store.campaigns import RECOUNTS_PER_TICK, Flags, complete, due_recount
+from poller.stats import complete
+from poller.store.campaigns import RECOUNTS_PER_TICK, Flags, due_recount
 
 # At most this many messages the web app marked done are taken out of one campaign's queue
 # while looking for one that is still open.

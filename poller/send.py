@@ -124,12 +124,7 @@ def _send_one(t: Context, doc: Doc, names: dict[str, str], gate: Gate, counts: T
     if _moved_in_doubt(t, doc, ready, server, counts):
         return
     if gate.opted_out_of(ready.session, ready.chat_id, doc):
-        if doc.get("inDoubt") is True:  # an earlier attempt may have reached WhatsApp
-            messages.finish(doc["_id"], UNKNOWN, OPTED_OUT_DOUBT, t.clock(), counts.stats)
-            counts.unknown += 1
-        else:
-            messages.finish(doc["_id"], CANCELLED, OPTED_OUT, t.clock(), counts.stats)
-            counts.cancelled += 1
+        _cancel(t, doc, OPTED_OUT, OPTED_OUT_DOUBT, counts)
         logger.info("message {} not sent: {} opted out", doc["_id"], ready.chat_id)
         return
     cap = daily_cap(t, ready.session)
@@ -184,20 +179,24 @@ def _stopped_campaign(t: Context, doc: Doc, gate: Gate, counts: TickCounts) -> b
     `cancelled`, or goes back to wait, in its place, for the campaign to resume."""
     status = gate.campaign_status(doc)
     if status == CANCELLED:
-        if doc.get("inDoubt") is True:
-            t.store.messages.finish(doc["_id"], UNKNOWN, CANCELLED_DOUBT, t.clock(), counts.stats)
-            counts.unknown += 1
-        else:
-            t.store.messages.finish(
-                doc["_id"], CANCELLED, CANCELLED_REASON, t.clock(), counts.stats
-            )
-            counts.cancelled += 1
+        _cancel(t, doc, CANCELLED_REASON, CANCELLED_DOUBT, counts)
         return True
     if status == PAUSED:
         t.store.campaigns.mark_held(doc["campaignId"], t.clock())
         counts.released += t.store.messages.release([doc["_id"]])
         return True
     return False
+
+
+def _cancel(t: Context, doc: Doc, reason: str, doubt: str, counts: TickCounts) -> None:
+    """End a claimed message that must not be sent: `cancelled` with `reason`, or `unknown`
+    with `doubt` where an earlier attempt may have reached WhatsApp (`inDoubt`)."""
+    if doc.get("inDoubt") is True:
+        t.store.messages.finish(doc["_id"], UNKNOWN, doubt, t.clock(), counts.stats)
+        counts.unknown += 1
+    else:
+        t.store.messages.finish(doc["_id"], CANCELLED, reason, t.clock(), counts.stats)
+        counts.cancelled += 1
 
 
 def _hold_capped(t: Context, doc: Doc, session: str, cap: int, counts: TickCounts) -> None:

@@ -1,7 +1,7 @@
 """A campaign's `stats`: what its messages' outcomes add up to, kept as they change.
 
 Each write that ends a message counts it here (`Tally.moved`), and the campaign gets one `$inc`
-per round. A full recount (`recount_pipeline`) reads the whole campaign: it runs when the poller
+per tick. A full recount (`recount_pipeline`) reads the whole campaign: it runs when the poller
 first works on a campaign, when the web app changed messages behind its back (marked them
 done, deleted them), at completion, and now and then to repair what a crash lost.
 """
@@ -43,9 +43,11 @@ def outcome_counts(status: Any) -> dict[str, int]:
     return counts
 
 
-def ended(stats: dict[str, Any]) -> int:
-    """How many of a campaign's messages ended (unknown ones are in `failed`)."""
-    return sum(int(stats.get(name) or 0) for name in (SENT, FAILED, EXPIRED, CANCELLED))
+def complete(stats: dict[str, Any]) -> bool:
+    """Whether the counts say every message of the campaign ended (unknown ones are in
+    `failed`); a recount confirms."""
+    ended = sum(int(stats.get(name) or 0) for name in (SENT, FAILED, EXPIRED, CANCELLED))
+    return ended >= int(stats.get("total") or 0)
 
 
 @dataclass

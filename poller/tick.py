@@ -230,7 +230,7 @@ def _claim(
     gone = store.plans.lapsed(now, since, limit) if lapsed else []
     batch = _take_over(t, gone, now, since, counts) + store.messages.claim(chosen, now)
     coming = [d["plannedAt"] for d in waiting if d["plannedAt"] > now]
-    coming += [d["retryAt"] for ds in due.values() for d in ds if _retry_at(d, now)]
+    coming += [d["retryAt"] for ds in due.values() for d in ds if lanes.retry_at(d, now)]
     if full:
         coming.append(now)  # more in the queue than this read held
     names = store.sessions.names(batch)
@@ -248,7 +248,7 @@ def _choose(
         if lane in blocked:
             continue
         ready = sorted(
-            (d for d in docs if _retry_at(d, now) is None),
+            (d for d in docs if lanes.retry_at(d, now) is None),
             key=lambda d: (-_rank(d), d["plannedAt"]),
         )
         per_lane.append(ready[:1] if t.pacing.paced else ready)
@@ -267,7 +267,6 @@ def _take_over(
     session can send; put back to wait where their campaign is paused or their session cannot
     send; settled once past their deadline (or, sent without a message id, unknown)."""
     store, cutoff = t.store, now - t.store.timings.lookback
-    held = {str(c) for c in t.held}
     names = store.sessions.names(lapsed)
     timely, back, late = [], [], []
     for doc in lapsed:
@@ -277,7 +276,7 @@ def _take_over(
         lane = session_name(doc, names) or ""
         if not (in_time and resend):
             late.append(doc)
-        elif str(doc.get("campaignId")) in held or lanes.why_not(t, lane) is not None:
+        elif t.paused(doc) or lanes.why_not(t, lane) is not None:
             back.append(doc)
         else:
             timely.append(doc)
@@ -330,9 +329,8 @@ def _upgrade(t: Context, counts: TickCounts) -> None:
     plan (a paused campaign's, or a claim it gave back), and the holds of versions before
     plans (`heldUntil`: due from then)."""
     store, now = t.store, t.clock()
-    held = {str(c) for c in t.held}
     stranded = [d for d in store.plans.unplanned_in_lanes(10_000) if not done(d)]
-    times = [(d["_id"], now) for d in stranded if str(d.get("campaignId")) not in held]
+    times = [(d["_id"], now) for d in stranded if not t.paused(d)]
     counts.replanned += store.messages.replan(times, None)
     holds = [d for d in store.plans.held_until(10_000) if not done(d)]
     for doc in holds:  # planned as due from the later of scheduledAt and heldUntil
@@ -361,11 +359,6 @@ def _rescheduled(doc: Doc, now: datetime) -> bool:
     """The web app moved the message to later since it was planned: planned again once due."""
     scheduled = doc.get("scheduledAt")
     return isinstance(scheduled, datetime) and scheduled > now
-
-
-def _retry_at(doc: Doc, now: datetime) -> datetime | None:
-    retry = doc.get("retryAt")
-    return retry if isinstance(retry, datetime) and retry > now else None
 
 
 def _rank(doc: Doc) -> float:

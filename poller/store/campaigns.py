@@ -11,7 +11,7 @@ from pymongo import ASCENDING, ReturnDocument
 from pymongo.collection import Collection
 
 from poller.contract import CANCELLED, COMPLETED, PAUSED, id_variants
-from poller.stats import RECEIPTS, ended, recount_pipeline, stats_from
+from poller.stats import RECEIPTS, recount_pipeline, stats_from
 from poller.store.base import Doc, create_index, insert_once
 
 STATUS_INDEX = [("status", ASCENDING)]
@@ -168,11 +168,6 @@ def due_recount(campaign: Doc, now: datetime) -> bool:
     """Whether an open campaign was last recounted more than RECOUNT_EVERY ago."""
     at = campaign.get("recountedAt")
     return not isinstance(at, datetime) or at < now - RECOUNT_EVERY
-
-
-def complete(stats: dict[str, Any]) -> bool:
-    """Whether the counts say every message of the campaign ended (a recount confirms)."""
-    return ended(stats) >= int(stats.get("total") or 0)
 
 
 def _unfinished() -> Doc:
