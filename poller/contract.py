@@ -213,6 +213,16 @@ def normalise_chat_id(raw: object) -> str | None:
     return None
 
 
+def message_key(waha_id: str) -> str | None:
+    """The engine's own id of a message, in any of WAHA's forms: `<fromMe>_<chat>_<id>`, with
+    `_<participant>` after it in groups (the chat `@c.us`, `@g.us` or `@lid`), or the bare id.
+    Acks name a message by this part however its chat is written."""
+    parts = waha_id.strip().split("_")
+    if len(parts) >= 3 and parts[0] in ("true", "false") and "@" in parts[1]:
+        return parts[2] or None
+    return waha_id.strip() or None
+
+
 # -- references ---------------------------------------------------------------------------------
 
 

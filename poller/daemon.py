@@ -23,8 +23,8 @@ from poller import __version__, log
 from poller.breaker import Breakers
 from poller.context import Memory
 from poller.counts import TickCounts
-from poller.events import Receiver
-from poller.metrics import EVENTS_PATH, Metrics
+from poller.events import EVENTS_PATH, Receiver
+from poller.metrics import Metrics
 from poller.pacing import Pacing
 from poller.servers import Servers
 from poller.settings import Settings
@@ -138,6 +138,8 @@ class Poller:
                 # Every server's sessions in one list (None when none could be listed).
                 "wahaSessions": _sessions(last_counts.servers) if last_counts else None,
                 "tickRunningSince": self.tick_started,
+                # WAHA's event posts refused in the last hour, by reason (EVENTS=webhook).
+                "eventsRefused": self.receiver.refusals.last_hour(now) if self.receiver else None,
             },
             now,
         )
@@ -233,6 +235,7 @@ def run(settings: Settings) -> int:
                     frozenset(settings.optout_keywords),
                     frozenset(settings.optin_keywords),
                     settings.optout_reply,
+                    poller.servers.phone_of,
                 )
             dashboard = None
             if settings.dashboard_token:
@@ -281,8 +284,7 @@ def run(settings: Settings) -> int:
         # It sees `stop` within a second, or once its read gives up while MongoDB is unreachable.
         watcher.join(timeout=settings.mongodb_timeout_seconds + 2)
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.shutdown()  # the requests in progress finish; every connection is closed
         try:
             # The web app sees "stopped" at once, not after the heartbeat's TTL.
             poller.store.heartbeats.remove()

@@ -98,11 +98,23 @@ def port(env: Mapping[str, str], name: str) -> int | None:
     return int(raw)
 
 
+# A shell's command substitution and expansion: left as they are in a .env file.
+UNEXPANDED = ("$(", "${", "`")
+
+
 def header_value(env: Mapping[str, str], name: str) -> str:
-    """A value sent as an HTTP header: printable ASCII only. The error names the position of
-    the first other character, never the value, which is a secret."""
+    """A secret sent as an HTTP header: printable ASCII only, and not a shell command that a
+    .env file left unexpanded. The error names the position of the first other character,
+    never the value."""
     raw = env.get(name, "")
     value = raw.strip()
+    for mark in UNEXPANDED:
+        if mark in value:
+            raise ConfigError(
+                f"{name} contains {mark!r}: a .env file does not run commands, so it is the "
+                "command's text, not its output. Run the command in a shell and paste the "
+                "value it prints"
+            )
     for offset, char in enumerate(value):
         if not (char.isascii() and char.isprintable()):
             position = raw.index(value) + offset + 1

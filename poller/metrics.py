@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
 
+from poller import web
 from poller.counts import TickCounts
-from poller.events import ACKS, Receiver
-
-# Where WAHA posts its events (EVENTS=webhook).
-EVENTS_PATH = "/waha/events"
+from poller.events import ACKS, EVENTS_PATH, Receiver
+from poller.refusals import Refusals
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -99,30 +95,21 @@ class Metrics:
         healthy: Callable[[], bool],
         receiver: Receiver | None = None,
         dashboard: WsgiApp | None = None,
-    ) -> WSGIServer:
-        """Serve /metrics and /healthz, WAHA's events at EVENTS_PATH when a `receiver` is
+    ) -> web.Server:
+        """Serve /metrics and /healthz, WAHA's events at EVENTS_PATH (and below it, the
+        secret) when a `receiver` is
         given, and every other path through the `dashboard` when one is given, from a daemon
-        thread; `shutdown()` the result to stop."""
+        thread (poller.web: bounded threads and timeouts); `shutdown()` the result to stop."""
         metrics_app = make_wsgi_app(self.registry)
         if receiver is not None:
             self.registry.register(_EventCounts(receiver))
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if receiver is not None and environ.get("PATH_INFO") == EVENTS_PATH:
-                try:
-                    length = int(environ.get("CONTENT_LENGTH") or 0)
-                except ValueError:
-                    length = -1
-                headers = {k: v for k, v in environ.items() if k.startswith("HTTP_")}
-                if length < 0:
-                    answer_status, body = "400 Bad Request", {"error": "bad Content-Length"}
-                else:
-                    answer = receiver.handle(
-                        environ["REQUEST_METHOD"], headers, environ["wsgi.input"].read, length
-                    )
-                    answer_status, body = answer.status, answer.body
-                start_response(answer_status, [("Content-Type", "application/json")])
-                return [json.dumps(body).encode()]
+            path = str(environ.get("PATH_INFO") or "")
+            if receiver is not None and (path + "/").startswith(EVENTS_PATH + "/"):
+                answer = receiver.handle(environ)  # EVENTS_PATH, or EVENTS_PATH/<secret>
+                start_response(answer.status, [("Content-Type", "application/json")])
+                return [json.dumps(answer.body).encode()]
             if environ.get("PATH_INFO") == "/healthz":
                 ok = healthy()
                 start_response(
@@ -134,14 +121,14 @@ class Metrics:
                 return dashboard(environ, start_response)
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        # One thread per request: a slow scraper does not hold up /healthz.
-        server = make_server(host, port, app, ThreadingWSGIServer, handler_class=_Quiet)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
-        return server
+        # waitress refuses a longer body before reading it; the receiver keeps its own check.
+        max_body = max(receiver.max_bytes if receiver is not None else 0, web.BODY_BYTES)
+        return web.serve(app, host, port, max_body)
 
 
 class _EventCounts:
-    """poller_acks_total{ack} and poller_optouts_total, read from the receiver at each scrape."""
+    """poller_acks_total{ack}, poller_optouts_total and poller_webhook_refused_total{reason},
+    read from the receiver at each scrape."""
 
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
@@ -160,8 +147,11 @@ class _EventCounts:
             "Chats that opted out (an inbound opt-out keyword).",
             value=self.receiver.optouts,
         )
-
-
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        refused = CounterMetricFamily(
+            "poller_webhook_refused",
+            "WAHA's event posts refused, by reason: " + ", ".join(Refusals.REASONS) + ".",
+            labels=["reason"],
+        )
+        for reason in Refusals.REASONS:
+            refused.add_metric([reason], self.receiver.refusals.totals[reason])
+        yield refused

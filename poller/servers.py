@@ -66,6 +66,13 @@ class Servers:
         """The name of the only server, when there is one only."""
         return next(iter(self.clients)) if len(self.clients) == 1 else None
 
+    def phone_of(self, session: str, lid: str) -> str | None:
+        """The phone number of an `@lid` chat, asked of the server where `session` was last
+        seen (of each in turn when that is not known); None when none knows it."""
+        where = self.last_seen.get(session) or self.sole
+        clients = [self.clients[where]] if where in self.clients else list(self.clients.values())
+        return next((p for c in clients if (p := c.phone_of(session, lid)) is not None), None)
+
     def close(self) -> None:
         for client in self.clients.values():
             client.close()

@@ -18,6 +18,7 @@ from pymongo.uri_parser import parse_uri
 
 from poller import env as var
 from poller.env import ConfigError
+from poller.keywords import fold
 
 __all__ = ["DEFAULT_SERVER", "ConfigError", "Settings", "WahaServer", "default_instance_id"]
 
@@ -117,6 +118,11 @@ class Settings:
             raise ConfigError(
                 f"MONGODB_URI is not a valid MongoDB URI ({_uri_problem(exc)})"
             ) from None
+        if any(mark in (parsed.get("password") or "") for mark in ("$(", "${")):
+            raise ConfigError(
+                "MONGODB_URI's password contains '$(' or '${': a .env file does not run "
+                "commands or expand variables; paste the password itself, URL-encoded"
+            )
         db = env.get("MONGODB_DB", "").strip() or (parsed.get("database") or "")
         if not db:
             raise ConfigError("MONGODB_DB is not set and MONGODB_URI names no database")
@@ -261,7 +267,7 @@ def _events(env: Mapping[str, str]) -> dict[str, Any]:
     if events and var.port(env, "HEALTH_PORT") is None:
         raise ConfigError("EVENTS=webhook needs HEALTH_PORT: the webhook is served there")
     words = {
-        name: tuple(" ".join(w.split()).upper() for w in env[name].split(",") if w.strip())
+        name: tuple(fold(w) for w in env[name].split(",") if fold(w))
         for name in ("OPTOUT_KEYWORDS", "OPTIN_KEYWORDS")
         if name in env
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,6 +12,7 @@ from pymongo.errors import PyMongoError
 from rich.console import Console
 from rich.table import Table
 
+from poller import refusals
 from poller.context import session_cap
 from poller.pacing import Pacing
 from poller.settings import Settings
@@ -42,7 +44,18 @@ def check(settings: Settings, instance: str | None = None) -> int:
     _line(f"ok: {len(live)} live, {newest['_id']} on {newest.get('host')} seen {seen:.0f} s ago")
     for server in newest.get("wahaServers") or []:
         _line(f"  WAHA server {server['name']} at {server['url']}: {describe(server)}")
+    refused = refusals.describe(refused_posts(live))
+    if refused:
+        _line(f"  warning: {refused}")
     return 0
+
+
+def refused_posts(instances: list[dict[str, Any]]) -> dict[str, int]:
+    """WAHA's event posts the live pollers refused in the last hour, by reason."""
+    total: Counter[str] = Counter()
+    for beat in instances:
+        total.update(beat.get("eventsRefused") or {})
+    return dict(total)
 
 
 def describe(server: dict[str, Any]) -> str:
@@ -104,6 +117,9 @@ def build(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
             for server in next((b["wahaServers"] for b in instances if b.get("wahaServers")), [])
         ],
         "sessions": _sessions(store, now, pacing),
+        # WAHA's event posts refused in the last hour by reason, and that in words (or None).
+        "eventsRefused": refused_posts(instances),
+        "eventsRefusedText": refusals.describe(refused_posts(instances)),
         "messages": {
             "dueNow": store.plans.count_due(now),
             "inProgress": store.plans.in_progress(),
@@ -190,6 +206,8 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     if not overview["instances"]:
         pollers.add_row("[red]none: nothing is sending[/red]", "", "", "", "", "", "")
     console.print(pollers)
+    if overview["eventsRefusedText"]:
+        console.print(f"[red]{overview['eventsRefusedText']}[/red]")
 
     if overview["servers"]:
         servers = Table(title="WAHA servers", title_justify="left")

@@ -147,6 +147,18 @@ class WahaClient:
         reason = f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
         return Outcome(Verdict.RETRY, reason, unreachable=True)
 
+    def phone_of(self, session: str, lid: str) -> str | None:
+        """The phone number's chat id of an `@lid` chat (`GET /api/{session}/lids/{lid}`,
+        WAHA 2025.5.4+), or None when WAHA does not know it or has no such route."""
+        path = f"/api/{_segment(session)}/lids/{_segment(lid)}"
+        try:
+            response = self._http.get(path, timeout=_timeout(min(5.0, self.timeout)))
+        except httpx.HTTPError:
+            return None
+        body = _json(response)
+        found = body.get("pn") if response.status_code == 200 and isinstance(body, dict) else None
+        return found if isinstance(found, str) and found else None
+
     def sessions(self) -> list[dict[str, str]] | Outcome:
         """Every session's name and status (`GET /api/sessions?all=true`), or why not."""
         try:
@@ -241,14 +253,22 @@ def _said(body: Any) -> str:
 
 
 def _message_id(body: Any) -> str | None:
+    """The id of a sent message in WAHA's 201, whatever its engine: GOWS (and the published
+    spec) a string `id`, `true_<chat>_<id>`; WEBJS an object whose `_serialized` is that (or
+    whose `id` is the bare id, in builds where WhatsApp Web renamed `_serialized`); NOWEB the
+    raw Baileys message, whose `key.id` is the bare id."""
     if not isinstance(body, dict):
         return None
-    if isinstance(body.get("id"), str):
-        return str(body["id"])
-    for raw in (body.get("_data"), body):
-        key = raw.get("key") if isinstance(raw, dict) else None
-        if isinstance(key, dict) and isinstance(key.get("id"), str):
-            return str(key["id"])
+    for raw in (body, body.get("_data")):
+        if not isinstance(raw, dict):
+            continue
+        given, key = raw.get("id"), raw.get("key")
+        if isinstance(given, dict):
+            given = given.get("_serialized") or given.get("id")
+        if isinstance(key, dict):
+            given = given or key.get("id")
+        if isinstance(given, str) and given:
+            return given
     return None
 
 

@@ -3,6 +3,7 @@ waiting on progress, and the scan of log lines for secrets."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -14,7 +15,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from poller.events import EVENTS_PATH, Receiver
+from poller.metrics import Metrics
 from poller.settings import Settings
+from poller.testing.mongo import free_port
 
 # Values no log line may ever show: each test's output, and the stderr of every process it
 # starts, is scanned for them (conftest.py).
@@ -22,6 +26,8 @@ API_KEY = "test-key-9f8e7d6c"
 MONGODB_PASSWORD = "pw-Zq81xLm"
 WRONG_KEY = "wrong-key-77x"
 WEBHOOK_KEY = "hmac-key-5e1c0a"
+# The secret in the webhook URL's path and the X-Poller-Secret header (tests/test_webhooks.py).
+WEBHOOK_SECRET = "hook-secret-8b2d4f"
 # The keys of three WAHA servers (tests/test_servers.py).
 SERVER_KEYS = ["key-a-1c2d3e", "key-b-4f5a6b", "key-c-7c8d9e"]
 # The dashboard's secret (tests/test_dashboard.py).
@@ -32,6 +38,7 @@ SECRETS = [
     WRONG_KEY,
     "wrong-key",
     WEBHOOK_KEY,
+    WEBHOOK_SECRET,
     *SERVER_KEYS,
     DASHBOARD_TOKEN,
 ]
@@ -137,3 +144,26 @@ def replicas(envs: list[dict[str, str]], folder: Path) -> Iterator[list[int | No
         codes[:] = [process.wait(timeout=60) for process in started]
         for log in logs:
             log.close()
+
+
+def event_post(body: bytes, path: str = "/waha/events", **headers: str) -> dict[str, Any]:
+    """The WSGI environ of a post of `body` to `path` (a Receiver's `handle` takes it)."""
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "CONTENT_LENGTH": str(len(body)),
+        "wsgi.input": io.BytesIO(body),
+        "REMOTE_ADDR": "127.0.0.1",
+        **headers,
+    }
+
+
+@contextmanager
+def serving_events(receiver: Receiver) -> Iterator[str]:
+    """`receiver` behind the metrics server: the URL WAHA posts to (no secret in it)."""
+    port = free_port()
+    server = Metrics().serve("127.0.0.1", port, lambda: True, receiver)
+    try:
+        yield f"http://127.0.0.1:{port}{EVENTS_PATH}"
+    finally:
+        server.shutdown()

@@ -91,7 +91,6 @@ def served(store: Store) -> Iterator[str]:
     )
     yield f"http://127.0.0.1:{port}"
     server.shutdown()
-    server.server_close()
 
 
 def log_in(page: Any, base: str, token: str = DASHBOARD_TOKEN) -> None:
@@ -348,7 +347,6 @@ def test_a_session_cookie_lapses_after_its_lifetime(store: Store) -> None:
             assert http.get("/api/status").status_code == 401
     finally:
         server.shutdown()
-        server.server_close()
 
 
 def test_the_page_has_no_inline_script_and_is_light() -> None:

@@ -285,7 +285,6 @@ def test_healthz_answers_what_health_says(healthy: bool) -> None:
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics")
     finally:
         server.shutdown()
-        server.server_close()
     assert answer.status_code == (200 if healthy else 503)
     assert answer.json() == {"status": "ok" if healthy else "down"}
     assert 'poller_messages_total{outcome="sent"} 0.0' in metrics.text

@@ -19,7 +19,7 @@ from typing import Any
 
 from loguru import logger
 from pymongo.errors import PyMongoError
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, TooManyRequests
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
@@ -88,6 +88,9 @@ class Dashboard:
             response = getattr(self, f"_{endpoint}")(request, **args)
         except (NotFound, MethodNotAllowed) as exc:
             response = _json({"error": exc.name}, exc.code or 404)
+        except TooManyRequests as exc:  # a wrong bearer token too often: not even compared
+            response = _json({"error": "too many failed log-ins: try again later"}, 429)
+            response.headers["Retry-After"] = str(exc.retry_after)
         except HTTPException as exc:
             response = _json({"error": exc.name}, exc.code or 400)
         except PyMongoError as exc:
@@ -109,11 +112,14 @@ class Dashboard:
     def _login(self, request: Request) -> Response:
         if not self.auth.same_origin(request):
             return _json({"error": "cross-site log-in refused"}, 403)
-        if not self.auth.matches(request.form.get("token", "")):
-            # Never the attempted secret: it may be a near miss of the real one.
-            logger.warning("dashboard: failed log-in from {}", request.remote_addr)
-            page = _asset("login.html").replace('id="failed" hidden', 'id="failed"')
-            return _html(page, 401)
+        try:
+            right = self.auth.log_in(request, request.form.get("token", ""))
+        except TooManyRequests as exc:
+            response = _html(_login_page("throttled"), 429)
+            response.headers["Retry-After"] = str(exc.retry_after)
+            return response
+        if not right:
+            return _html(_login_page("failed"), 401)
         response = Response(status=303, headers={"Location": "/"})
         self.auth.set_cookie(response, request)
         return response
@@ -183,6 +189,11 @@ class Dashboard:
 
 def _asset(name: str) -> str:
     return (resources.files(__package__) / "static" / name).read_text(encoding="utf-8")
+
+
+def _login_page(shown: str) -> str:
+    """The log-in form with its message `shown` ("failed", "throttled") visible."""
+    return _asset("login.html").replace(f'id="{shown}" hidden', f'id="{shown}"')
 
 
 def _html(text: str, code: int) -> Response:

@@ -3,7 +3,8 @@
 The log-in form trades the token for a session cookie (HttpOnly, SameSite=Strict, Secure behind
 TLS) that holds when it was issued and an HMAC of that under the token: nothing is stored, and
 changing the token ends every session. Scripts send `Authorization: Bearer <token>` instead.
-Every comparison is made in constant time.
+Every comparison is made in constant time, and a client that keeps sending wrong tokens is
+refused for a while without its token being compared (throttle.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
+from werkzeug.exceptions import TooManyRequests
 from werkzeug.wrappers import Request, Response
+
+from poller.dashboard.throttle import Throttle
 
 BEARER = "bearer"  # the session of a request that carries the token itself
 
@@ -27,16 +31,30 @@ class Auth:
         self._key = token.encode()
         self._clock = clock  # when a cookie is issued, and when it has lived LIFETIME
         self._digest = hashlib.sha256(self._key).digest()
+        self.throttle = Throttle()
 
     def matches(self, given: str) -> bool:
         """Whether `given` is the token: digests of equal length compared in constant time."""
         return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self._digest)
 
+    def log_in(self, request: Request, given: str) -> bool:
+        """Whether `given`, sent by `request`'s client, is the token; a wrong one counts
+        against the client. Raises TooManyRequests (429, with its Retry-After) without
+        comparing when the client failed too often lately."""
+        wait = self.throttle.retry_after(request.remote_addr)
+        if wait is not None:
+            raise TooManyRequests(retry_after=wait)
+        if self.matches(given):
+            return True
+        self.throttle.failed(request.remote_addr)
+        return False
+
     def session(self, request: Request) -> str | None:
-        """The request's session when it is logged in (its cookie, or BEARER), else None."""
+        """The request's session when it is logged in (its cookie, or BEARER), else None.
+        Raises TooManyRequests as `log_in` does for a bearer token."""
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
-            return BEARER if self.matches(header.removeprefix("Bearer ").strip()) else None
+            return BEARER if self.log_in(request, header.removeprefix("Bearer ").strip()) else None
         value = request.cookies.get(self.COOKIE, "")
         issued, _, mac = value.partition(".")
         if not issued.isdigit() or not _same(mac, self._sign("session", issued)):

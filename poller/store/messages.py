@@ -37,6 +37,7 @@ from poller.contract import (
     UNKNOWN,
     campaign_ref,
     done,
+    message_key,
 )
 from poller.stats import Tally
 from poller.store.base import Doc, create_index, insert_once
@@ -247,6 +248,8 @@ class Messages:
             "isSent": True,
             "sentAt": now,
             "wahaMessageId": waha_message_id,
+            # What every engine's acks name it by (see store/receipts.py).
+            "wahaKeyId": message_key(waha_message_id) if waha_message_id else None,
             "lastError": None,
         }
         held = {"_id": message_id, "pickedBy": self.owner, "status": {"$in": [SENDING, UNKNOWN]}}

@@ -86,6 +86,14 @@ class WahaSimulator:
     listing_delay: float = 0.0
     # Called with each message delivered (once per message id), as WAHA would emit its events.
     on_send: Callable[[SentMessage], None] | None = None
+    # How sendText's 201 carries the message id, as each engine answers it (WAHA passes the
+    # engine's object through): "" the published spec's WAMessage (a string `id`, as GOWS),
+    # "NOWEB" the raw Baileys message (`key.id`, no `id`), "WEBJS" whatsapp-web.js's message
+    # (`id` an object with `_serialized`), "GOWS" `{id, _data}`.
+    engine: str = ""
+    # `@lid` -> phone chat id, as GET /api/{session}/lids/{lid} answers it (WAHA 2025.5.4+;
+    # `core` answers that route with 404, as 2024.10.8 does).
+    lids: dict[str, str] = field(default_factory=dict)
 
     requests: list[Request] = field(default_factory=list)
     sent: list[SentMessage] = field(default_factory=list)
@@ -278,6 +286,9 @@ class WahaSimulator:
         ):
             session = unquote(parts[2])
             return self._session_problem(session) or (200, {"id": secrets.token_hex(10).upper()})
+        if not self.core and request.method == "GET" and len(parts) == 5 and parts[3] == "lids":
+            session, lid = unquote(parts[2]), unquote(parts[4])
+            return self._session_problem(session) or (200, {"lid": lid, "pn": self.lids.get(lid)})
         # Express's answer for a path no route serves: it quotes the path as requested.
         query = f"?{request.query}" if request.query else ""
         return _error(404, f"Cannot {request.method} {request.path}{query}")
@@ -324,7 +335,10 @@ class WahaSimulator:
         if route != "/api/sendText" and not isinstance(file, dict):
             return engine_error("file is required")
         given = body.get("id") if self.message_ids and not self.core else None
-        message_id = f"true_{chat_id}_{given or secrets.token_hex(10).upper()}"
+        chat = chat_id if "@" in chat_id else f"{chat_id}@c.us"  # WAHA appends @c.us
+        message_id = f"true_{chat}_{given or secrets.token_hex(10).upper()}"
+        if self.engine == "GOWS" and chat.endswith("@g.us"):
+            message_id += f"_{ME_ID}"  # GOWS names a group message's sender after its id
         with self._lock:
             fault = self._random.random()
         if fault < self.error_rate / 2:
@@ -346,15 +360,52 @@ class WahaSimulator:
         time.sleep(self.slow_sessions.get(str(session), 0.0))
         if fault < self.error_rate:
             return engine_error("Timed Out")
-        return 201, {
+        return 201, self._sent_body(message, file is not None)
+
+    def _sent_body(self, message: SentMessage, media: bool) -> dict[str, Any]:
+        """sendText's 201 body for `message`, as `engine` shapes it."""
+        key = message.id.split("_")[2]
+        if self.engine == "NOWEB":
+            return {
+                "key": {
+                    "remoteJid": message.chat_id.replace("@c.us", "@s.whatsapp.net"),
+                    "fromMe": True,
+                    "id": key,
+                },
+                "message": {"extendedTextMessage": {"text": message.text}},
+                "messageTimestamp": str(int(message.at)),
+                "status": "PENDING",
+            }
+        if self.engine == "WEBJS":
+            serialized = {
+                "fromMe": True,
+                "remote": message.chat_id,
+                "id": key,
+                "_serialized": message.id,
+            }
+            return {
+                "_data": {"id": serialized, "body": message.text, "type": "chat"},
+                "id": serialized,
+                "ack": 0,
+                "hasMedia": media,
+                "body": message.text,
+                "type": "chat",
+                "timestamp": int(message.at),
+                "from": ME_ID,
+                "to": message.chat_id,
+                "fromMe": True,
+            }
+        if self.engine == "GOWS":
+            return {"id": message.id, "_data": {"Info": {"ID": key}}}
+        return {
             "id": message.id,
             "timestamp": int(message.at),
-            "from": "15550001111@c.us",
+            "from": ME_ID,
             "fromMe": True,
             "source": "api",
-            "to": chat_id,
-            "body": text,
-            "hasMedia": file is not None,
+            "to": message.chat_id,
+            "body": message.text,
+            "hasMedia": media,
             "ack": 1,
             "ackName": "SERVER",
             "_data": {},
@@ -362,7 +413,7 @@ class WahaSimulator:
 
     def _session_info(self, name: str) -> dict[str, Any]:
         status = self._listed()[name]
-        me = {"id": "15550001111@c.us", "pushName": name} if status == "WORKING" else None
+        me = {"id": ME_ID, "pushName": name} if status == "WORKING" else None
         if self.core:
             return {"name": name, "status": status, "config": None, "me": me}  # as observed
         # SessionInfo as the published spec has it: `me` only once connected, never null.
@@ -374,6 +425,7 @@ class WahaSimulator:
 
 
 SENDS = ("/api/sendText", "/api/sendImage", "/api/sendFile")
+ME_ID = "15550001111@c.us"  # the WhatsApp account of every session
 CHAT_ACTIONS = ("/api/sendSeen", "/api/startTyping", "/api/stopTyping")
 CORE_ONLY = (
     "WAHA Core support only 'default' session. If you want to run more then one WhatsApp "

@@ -58,6 +58,12 @@ function drawPollers(data) {
   table("pollers", ["poller", "host", "version", "state", "last tick", "last tick did"], rows);
 }
 
+function drawRefused(data) {
+  const node = document.getElementById("refused");
+  node.textContent = data.eventsRefusedText || "";
+  node.hidden = !data.eventsRefusedText;
+}
+
 function drawServers(data) {
   show("servers", data.servers.length > 0);
   table("servers", ["server", "url", "state"], data.servers.map((s) => [s.name, s.url, s.state]));
@@ -207,6 +213,7 @@ async function refresh() {
   csrf = data.csrf;
   problem("");
   drawPollers(data);
+  drawRefused(data);
   drawServers(data);
   drawSessions(data);
   drawCampaigns(data);
