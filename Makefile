@@ -9,9 +9,13 @@ VENV ?= .venv
 INSTALL = $(VENV)/bin/pip install --quiet --disable-pip-version-check uv && \
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(VENV)/bin/python
 
-.PHONY: demo test bench
+.PHONY: help demo test bench
 
-demo:
+# `make` alone (the first target) lists the targets, each with the `##` note after its name.
+help: ## list these targets
+	@awk -F ':.*## ' '/^[a-z]+:.*## / {printf "  make %-6s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+demo: ## install into .venv, then send a small campaign (embedded MongoDB, WAHA simulator)
 	$(PYTHON) -m venv $(VENV)
 	$(INSTALL) -e '.[demo]'
 	$(VENV)/bin/python -m compileall -q poller
@@ -22,14 +26,14 @@ demo:
 # PYTEST_ARGS='-m slow'` runs only them, `PYTEST_ARGS='-m ""'` everything.
 PYTEST_WORKERS ?= auto
 
-test:
+test: ## install into .venv with the test tools, then run the tests
 	$(PYTHON) -m venv $(VENV)
 	$(INSTALL) -e '.[test]'
 	$(VENV)/bin/python -m compileall -q poller
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # poller against the reference design; rewrites the results in docs/benchmarks.md (~10 min).
-bench:
+bench: ## compare poller with the reference design; rewrites docs/benchmarks.md (~10 min)
 	$(PYTHON) -m venv $(VENV)
 	$(INSTALL) -e '.[bench]'
 	$(VENV)/bin/python benchmarks/compare.py --report docs/benchmarks.md

@@ -10,6 +10,7 @@ import socket
 import sys
 
 from dotenv import find_dotenv, load_dotenv
+from loguru import logger
 
 from poller import __version__, log
 from poller.settings import ConfigError, Settings
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"poller: configuration error: {exc}", file=sys.stderr)  # noqa: T201
         return 2
     log.setup(settings.log_level, settings.log_json, settings.secrets)
+    for warning in settings.warnings:  # a misspelt name, a WAHA URL ending in /api
+        logger.warning(warning)
 
     if args.command in ("check", "status"):
         from poller import status

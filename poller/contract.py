@@ -125,13 +125,23 @@ def prepare(doc: Mapping[str, Any], names: Mapping[str, str], where: str) -> Rea
     if isinstance(found, str):
         return found
     text, media = found
+    to = addressee(doc, names, where)
+    if isinstance(to, str):
+        return to
+    return Ready(to[0], to[1], text, media)
+
+
+def addressee(
+    doc: Mapping[str, Any], names: Mapping[str, str], where: str
+) -> tuple[str, str] | str:
+    """A message's WhatsApp session and chat id, or why it has none (see `prepare`)."""
     chat_id = normalise_chat_id(doc.get("chatId"))
     if chat_id is None:
         return f"chatId {show(doc.get('chatId'))} is not a WhatsApp id or phone number."
     session = session_name(doc, names)
     if session is None:
         return no_session(doc, where)
-    return Ready(session, chat_id, text, media)
+    return session, chat_id
 
 
 def no_session(doc: Mapping[str, Any], where: str, what: str = "message") -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from poller.stats import Tally
 
-_NOT_COUNTS = ("lateness", "next_at", "servers", "by_server", "stats")
+_NOT_COUNTS = ("lateness", "pacing_delay", "next_at", "servers", "by_server", "stats")
 
 
 @dataclass
@@ -34,8 +34,10 @@ class TickCounts:
     occurred: int = 0
     missed: int = 0
     key_rejected: bool = False
-    # sentAt - scheduledAt of each message sent, in seconds (for the lateness metric).
+    # Of each message sent, in seconds: sentAt - its planned time (the lateness metric), and
+    # its planned time - scheduledAt (how long pacing, a cap or quiet hours held it).
     lateness: list[float] = field(default_factory=list)
+    pacing_delay: list[float] = field(default_factory=list)
     # When there is something to send next: the next message's scheduled time, or a paced
     # session's next turn. `poller run` ticks again then.
     next_at: datetime | None = None
@@ -59,6 +61,7 @@ class TickCounts:
             else:
                 setattr(self, name, getattr(self, name) + value)
         self.lateness.extend(other.lateness)
+        self.pacing_delay.extend(other.pacing_delay)
         self.stats.add(other.stats)
         for server, outcomes in other.by_server.items():
             for outcome, n in outcomes.items():

@@ -19,7 +19,7 @@ from apscheduler.schedulers.base import BaseScheduler
 from loguru import logger
 from pymongo.errors import PyMongoError
 
-from poller import __version__, log
+from poller import __version__, log, mongo_errors
 from poller.breaker import Breakers
 from poller.context import Memory
 from poller.counts import TickCounts
@@ -27,7 +27,7 @@ from poller.events import EVENTS_PATH, Receiver
 from poller.metrics import Metrics
 from poller.pacing import Pacing
 from poller.servers import Servers
-from poller.settings import Settings
+from poller.settings import ConfigError, Settings
 from poller.store import Store
 from poller.tick import tick
 from poller.watch import Watcher
@@ -90,7 +90,7 @@ class Poller:
                 self.store.campaigns.count_receipts(pending)
             except PyMongoError as exc:
                 self.receiver.again(pending)
-                logger.warning("receipts counted at the next tick: {}", exc)
+                logger.warning("receipts counted at the next tick: {}", self.mongo_error(exc))
         self.last_tick = (datetime.now(UTC), counts)
         busy = any(v for k, v in counts.totals().items() if k != "key_rejected")
         (logger.info if busy else logger.debug)("tick: {}", counts.summary())
@@ -110,11 +110,19 @@ class Poller:
             started = datetime.now(UTC)
             counts = self.tick(stop)
             total.add(counts)
-            if counts.next_at is None or counts.next_at > until or counts.key_rejected:
+            if counts.next_at is None or counts.next_at > until or self.refused(counts):
                 return total
             wake = max(counts.next_at, started + TICK_GAP)
             if stop.wait(max(0.0, (wake - datetime.now(UTC)).total_seconds())):
                 return total
+
+    def refused(self, counts: TickCounts) -> bool:
+        """WAHA refused this poller's settings for every server (its key, or its URL)."""
+        return counts.key_rejected or self.servers.refused()
+
+    def mongo_error(self, exc: PyMongoError) -> str:
+        """A MongoDB error in one line: its host(s), what failed, how long this waited."""
+        return mongo_errors.describe(exc, self.settings.mongodb_timeout_seconds)
 
     def heartbeat(self) -> None:
         """Tell the web app, `poller check` and `poller status` that this process is alive.
@@ -173,7 +181,7 @@ def _sessions(servers: list[dict[str, Any]]) -> list[dict[str, str]] | None:
 def once(settings: Settings) -> int:
     """One tick, and one more for each message or paced turn that comes due within
     POLL_INTERVAL_SECONDS. 0 when it ran; 1 when MongoDB is unreachable or WAHA refused the
-    API key."""
+    API key, or serves no route under its URL (a WAHA_URL ending in /api)."""
     with Stop() as stop:
         poller = _open(settings, "MongoDB is unavailable")
         if poller is None:
@@ -182,23 +190,25 @@ def once(settings: Settings) -> int:
         try:
             counts = poller.ticks_until(until, stop)
         except PyMongoError as exc:
-            logger.error("MongoDB is unavailable: {}", exc)
+            logger.error("MongoDB is unavailable: {}", poller.mongo_error(exc))
             return 1
         finally:
             poller.close()
-        return 1 if counts.key_rejected else 0
+        return 1 if poller.refused(counts) else 0
 
 
 def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
     """One tick from Python, for serverless handlers: settings from `env` or os.environ.
 
-    Returns the tick's counts. Raises ConfigError for bad settings, PyMongoError when MongoDB
-    is unreachable and PermissionError when WAHA refuses the key, so that the platform records
-    a failed invocation.
+    Returns the tick's counts. Raises ConfigError for bad settings (a WAHA URL under which WAHA
+    serves no route too), PyMongoError when MongoDB is unreachable and PermissionError when WAHA
+    refuses the key, so that the platform records a failed invocation.
     """
     settings = Settings.from_env(env)
     if not _logging_set_up.is_set():  # once per process: a warm serverless instance calls again
         log.setup(settings.log_level, settings.log_json, settings.secrets)
+        for warning in settings.warnings:
+            logger.warning(warning)
         _logging_set_up.set()
     poller = Poller(settings)
     try:
@@ -206,7 +216,10 @@ def run_once(env: Mapping[str, str] | None = None) -> dict[str, int | bool]:
         counts = poller.tick()
     finally:
         poller.close()
-    if counts.key_rejected:
+    wrong = [poller.servers.states[name]["problem"] for name in sorted(poller.servers.wrong_url)]
+    if poller.refused(counts) and wrong:
+        raise ConfigError("; ".join(wrong))
+    if poller.refused(counts):
         keys = ", ".join(sorted({s.key_variable for s in settings.servers}))
         raise PermissionError(f"WAHA rejected the API key (check {keys})")
     return counts.totals()
@@ -289,7 +302,7 @@ def run(settings: Settings) -> int:
             # The web app sees "stopped" at once, not after the heartbeat's TTL.
             poller.store.heartbeats.remove()
         except PyMongoError as exc:
-            logger.warning("heartbeat not removed: {}", exc)
+            logger.warning("heartbeat not removed: {}", poller.mongo_error(exc))
         poller.close()
         logger.info("stopped")
         return 0
@@ -331,7 +344,7 @@ def _tick(poller: Poller, stop: threading.Event) -> datetime | None:
     try:
         return poller.tick(stop).next_at
     except PyMongoError as exc:
-        logger.error("tick skipped, MongoDB is unavailable: {}", exc)
+        logger.error("tick skipped, MongoDB is unavailable: {}", poller.mongo_error(exc))
     except Exception:
         logger.exception("tick failed unexpectedly; the next tick will try again")
     return None
@@ -341,7 +354,7 @@ def _heartbeat(poller: Poller) -> None:
     try:
         poller.heartbeat()
     except PyMongoError as exc:
-        logger.warning("heartbeat not written, MongoDB is unavailable: {}", exc)
+        logger.warning("heartbeat not written, MongoDB is unavailable: {}", poller.mongo_error(exc))
 
 
 class Wakeup:
@@ -465,12 +478,14 @@ def _open(settings: Settings, failure: str) -> Poller | None:
     try:
         poller = Poller(settings)  # a mongodb+srv:// name is resolved here
     except PyMongoError as exc:
-        logger.error("{}: {}", failure, exc)
+        logger.error(
+            "{}: {}", failure, mongo_errors.describe(exc, settings.mongodb_timeout_seconds)
+        )
         return None
     try:
         poller.start()
     except PyMongoError as exc:
-        logger.error("{}: {}", failure, exc)
+        logger.error("{}: {}", failure, poller.mongo_error(exc))
         poller.close()
         return None
     return poller

@@ -3,6 +3,7 @@ with a message that names the variable (and never a secret's value)."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from datetime import time
@@ -18,7 +19,10 @@ class ConfigError(Exception):
 def required(env: Mapping[str, str], name: str) -> str:
     value = env.get(name, "").strip()
     if not value:
-        raise ConfigError(f"{name} is required but not set")
+        # A near name that is set, as a likely misspelling (the name only, never its value).
+        near = difflib.get_close_matches(name, [k for k in env if k != name], 1, 0.85)
+        hint = f" ({near[0]} is set: a misspelling?)" if near else ""
+        raise ConfigError(f"{name} is required but not set{hint}")
     return value
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from loguru import logger
 
 from poller.context import Context, daily_cap
-from poller.contract import FAILED, done, session_name, show
+from poller.contract import FAILED, addressee, done, session_name, show
 from poller.counts import TickCounts
 from poller.plan import Slots, allowed
 from poller.servers import server_key
@@ -47,7 +47,9 @@ def plan(
     t: Context, docs: list[Doc], now: datetime, counts: TickCounts, resumed: bool = False
 ) -> None:
     """Plan messages not yet planned (due, or of a `resumed` campaign: from now) into their
-    lanes, one write each; a message whose priority is not a number fails. A message of a
+    lanes, one write each. A message that cannot be sent as written (its priority, its chatId
+    or its session: `contract.addressee`) fails when first seen, taking no slot; what it
+    sends is checked at its send (its media is not read before). A message of a
     paused campaign is parked at its due time, taking no slot: it waits there, never claimed
     nor expired, until its campaign resumes and plans it again."""
     if not docs:
@@ -57,12 +59,17 @@ def plan(
     slots: dict[str, Slots] = {}
     rows: list[tuple[Any, Doc]] = []
     held = 0
+    where = t.store.sessions.collection.name
     for doc in docs:
         rank = priority(doc)
-        if isinstance(rank, str):
-            where = {"lane": None, **UNPICKED}
-            counts.failed += t.store.messages.end([doc], where, (FAILED, rank), now, counts.stats)
-            logger.warning("message {} failed: {}", doc["_id"], rank)
+        problem = rank if isinstance(rank, str) else addressee(doc, names, where)
+        if isinstance(rank, str) or isinstance(problem, str):  # failed at once, no slot taken
+            reason = str(problem)
+            unplanned = {"lane": None, **UNPICKED}
+            counts.failed += t.store.messages.end(
+                [doc], unplanned, (FAILED, reason), now, counts.stats
+            )
+            logger.warning("message {} failed: {}", doc["_id"], reason)
             continue
         lane = session_name(doc, names) or ""  # "" : sending fails it with the reason
         if t.paused(doc):  # parked at its due time: no slot taken
@@ -78,6 +85,7 @@ def plan(
         t.store.turns.save_slots(lane, lane_slots)
     t.store.turns.ensure({fields["lane"] for _, fields in rows} - set(lane_docs) - set(slots))
     counts.planned += t.store.messages.plan(rows)
+    counts.stats.saw(d.get("campaignId") for d in docs)
     counts.held += held
 
 
@@ -212,19 +220,33 @@ def note_blocked(t: Context, due: dict[str, list[Doc]]) -> set[str]:
     blocked = set()
     for lane, docs in due.items():
         reason = why_not(t, lane)
+        own = reason is not None and _own_setting(t, lane)
         if reason is not None:
             blocked.add(lane)
+        if reason is not None and not own:
             t.store.messages.note([d["_id"] for d in docs if d.get("lastError") != reason], reason)
         was = t.memory.blocked.get(lane, "")
         if reason == was:
             continue
-        t.store.turns.block(lane, reason)
+        if not own:
+            t.store.turns.block(lane, reason)
         t.memory.blocked[lane] = reason
         if reason is not None:
             logger.info("session '{}' waits: {}", lane, reason)
         elif was:
             logger.info("session '{}' can send again", lane)
     return blocked
+
+
+def _own_setting(t: Context, lane: str) -> bool:
+    """Whether what stops the lane is this process's own setting: WAHA refused its API key,
+    or serves none of its routes under its URL. Another poller, with the right settings, may be
+    sending for the lane, so nothing shared (the lane's `blocked`, its messages' `lastError`)
+    is written; this process only waits, and its log and heartbeat say why."""
+    server = t.routes.server_of(lane) or t.routes.sole or t.routes.last_seen.get(lane)
+    state = t.servers.states.get(server) if server else None
+    refused = state is not None and state.get("keyAccepted") is False
+    return refused or server in t.servers.wrong_url
 
 
 def _ahead(doc: Doc, now: datetime) -> bool:

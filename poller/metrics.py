@@ -65,8 +65,15 @@ class Metrics:
         )
         self.lateness = Histogram(
             "poller_send_lateness_seconds",
-            "sentAt - scheduledAt of each message sent.",
+            "How late each message was sent against its planned time (sentAt - plannedAt).",
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.pacing_delay = Histogram(
+            "poller_send_pacing_delay_seconds",
+            "How long pacing, a daily cap or quiet hours held each message sent back "
+            "(plannedAt - scheduledAt).",
+            buckets=(1, 10, 30, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
             registry=self.registry,
         )
 
@@ -77,6 +84,8 @@ class Metrics:
         self.due.set(due)
         for late in counts.lateness:
             self.lateness.observe(late)
+        for held in counts.pacing_delay:
+            self.pacing_delay.observe(held)
         for server, outcomes in counts.by_server.items():
             for outcome, n in outcomes.items():
                 self.sends.labels(server, outcome).inc(n)

@@ -32,7 +32,13 @@ def rollup(
         if stats is None or str(campaign) in tally.recounts or complete(stats):
             _check(t, campaign, now, counts, recount=first_seen or str(campaign) in tally.recounts)
             checked.add(str(campaign))
-    if flags is None or not regular:
+    if flags is None:
+        return
+    working = {str(c["_id"]) for c in flags.working}
+    for key in sorted(tally.seen - working - checked):  # seen for the first time: counted
+        _check(t, tally.ids[key], now, counts, recount=True)
+        checked.add(key)
+    if not regular:
         return
     budget = RECOUNTS_PER_TICK
     for campaign in flags.working:

@@ -329,14 +329,16 @@ def _record(
     messages, now, message_id = t.store.messages, t.clock(), doc["_id"]
     counts.count_send(server, outcome.verdict.value)
     if outcome.verdict is Verdict.SENT:
-        if not messages.sent(message_id, outcome.message_id, now, counts.stats):
+        slot, scheduled = _date(doc.get("plannedAt")), _date(doc.get("scheduledAt"))
+        if not messages.sent(message_id, outcome.message_id, now, counts.stats, slot):
             logger.error(
                 "message {} was sent, but its document had changed: not recorded", message_id
             )
         counts.sent += 1
-        scheduled = doc.get("scheduledAt")
-        if isinstance(scheduled, datetime):
-            counts.lateness.append((now - scheduled).total_seconds())
+        if slot or scheduled:
+            counts.lateness.append((now - (slot or scheduled or now)).total_seconds())
+        if slot and scheduled:
+            counts.pacing_delay.append(max(0.0, (slot - scheduled).total_seconds()))
         logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)
     elif outcome.verdict is Verdict.FAILED:
         messages.finish(message_id, FAILED, outcome.reason, now, counts.stats)
@@ -347,8 +349,9 @@ def _record(
         counts.unknown += 1
         logger.warning("message {} outcome unknown: {}", message_id, outcome.reason)
     elif outcome.verdict is Verdict.REJECTED_KEY:
-        # Not the message's fault: give it back untouched.
-        messages.release([message_id], outcome.reason)
+        # Not the message's fault, and maybe only this poller's key: give it back untouched,
+        # for a poller with the right key to send.
+        messages.release([message_id])
         counts.released += 1
         if t.servers.sole is not None:  # of several servers, the others may still send
             counts.key_rejected = True
@@ -383,5 +386,10 @@ def _feed_breaker(t: Context, name: str, session: str, outcome: Outcome, now: da
         if server:
             lost(t.servers, name, outcome)
         log = logger.error if outcome.verdict is Verdict.REJECTED_KEY else logger.warning
-        what = named(t.servers, name) if server else f"session '{session}'"
-        log("{} paused for {:g} s: {}", what, breakers.cooldown.total_seconds(), outcome.reason)
+        what = named(t.servers, name) if server else f"WhatsApp session '{session}'"
+        seconds = breakers.cooldown.total_seconds()
+        log("pausing sends through {} for the next {:g} s: {}", what, seconds, outcome.reason)
+
+
+def _date(value: object) -> datetime | None:
+    return value if isinstance(value, datetime) else None

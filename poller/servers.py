@@ -46,13 +46,15 @@ class Servers:
         self.states: dict[str, dict[str, Any]] = {
             name: _state(name, c) for name, c in clients.items()
         }
+        # The servers whose last answer said that no WAHA route serves their URL (`wrong_url`).
+        self.wrong_url: set[str] = set()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Servers:
         timeout = settings.waha_timeout_seconds
         return cls(
             {
-                s.name: WahaClient(s.url, s.api_key, timeout, s.key_variable)
+                s.name: WahaClient(s.url, s.api_key, timeout, s.key_variable, s.url_variable)
                 for s in settings.servers
             }
         )
@@ -65,6 +67,14 @@ class Servers:
     def sole(self) -> str | None:
         """The name of the only server, when there is one only."""
         return next(iter(self.clients)) if len(self.clients) == 1 else None
+
+    def refused(self) -> bool:
+        """Every server refused this poller's settings for it at its last answer: its API key,
+        or a URL under which WAHA serves none of its routes (`poller once` then exits 1)."""
+        return all(
+            state["keyAccepted"] is False or name in self.wrong_url
+            for name, state in self.states.items()
+        )
 
     def phone_of(self, session: str, lid: str) -> str | None:
         """The phone number of an `@lid` chat, asked of the server where `session` was last
@@ -154,11 +164,14 @@ def route(servers: Servers, breakers: Breakers, now: datetime) -> Routes:
     for name, answer in answers.items():
         if isinstance(answer, Outcome):
             unknown[name] = answer.reason
+            if answer.wrong_url:
+                servers.wrong_url.add(name)
             if not _failed(servers, breakers, name, answer, now):
                 hiccup.add(name)
             servers.states[name].update(_failure(answer))
         else:
             breakers.succeeded(server_key(name))
+            servers.wrong_url.discard(name)
             listed[name] = answer
             servers.states[name].update(
                 reachable=True, keyAccepted=True, problem=None, sessions=answer
@@ -236,7 +249,8 @@ def _failed(
         logger.warning("{}; sending without it", reason if servers.sole else f"{what}: {reason}")
         return False
     log = logger.error if rejected else logger.warning
-    log("nothing sent through {} for {:g} s: {}", what, breakers.cooldown.total_seconds(), reason)
+    seconds = breakers.cooldown.total_seconds()
+    log("pausing sends through {} for the next {:g} s: {}", what, seconds, reason)
     return True
 
 
@@ -244,7 +258,10 @@ def lost(servers: Servers, name: str, outcome: Outcome) -> None:
     """What a send's answer that opened the server's breaker says of the server."""
     state = servers.states[name]
     state.update(sessions=None, problem=outcome.reason)
-    if outcome.verdict is Verdict.REJECTED_KEY:
+    if outcome.wrong_url:
+        servers.wrong_url.add(name)
+        state.update(reachable=True)
+    elif outcome.verdict is Verdict.REJECTED_KEY:
         state.update(reachable=True, keyAccepted=False)
     elif outcome.unreachable:
         state.update(reachable=False)
@@ -256,7 +273,7 @@ def named(servers: Servers, name: str) -> str:
 
 
 def _failure(answer: Outcome) -> dict[str, Any]:
-    rejected = answer.verdict is Verdict.REJECTED_KEY
+    rejected = answer.verdict is Verdict.REJECTED_KEY and not answer.wrong_url
     return {
         "reachable": not answer.unreachable and answer.status_code is not None,
         "keyAccepted": False if rejected else None,

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import time
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlsplit
 from zoneinfo import ZoneInfo
 
 from pymongo.errors import ConfigurationError, InvalidURI
@@ -35,6 +36,7 @@ class WahaServer:
     url: str
     api_key: str = ""
     key_variable: str = "WAHA_API_KEY"  # the setting that holds the key, to name when refused
+    url_variable: str = "WAHA_URL"  # and the one that holds the URL
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,15 @@ class Settings:
     timezone: str = "UTC"
     # (start, end) local times between which nothing is sent; None: no quiet hours.
     quiet_hours: tuple[time, time] | None = None
+    # What looks wrong in the environment without being an error (a misspelt name, a WAHA URL
+    # ending in /api): logged as warnings at start-up. Never a value: it may be a secret.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+        """The settings of `env` (os.environ by default); raises ConfigError naming the first
+        bad variable. Every name it looks up is a known setting (see `_unknown`)."""
+        env = reads = _Reads(os.environ if env is None else env)
         uri = var.required(env, "MONGODB_URI")
         try:
             parsed = _parse_uri(uri)
@@ -151,6 +158,7 @@ class Settings:
             definitions_collection=var.name(
                 env, "DEFINITIONS_COLLECTION", cls.definitions_collection
             ),
+            optouts_collection=var.name(env, "OPTOUTS_COLLECTION", cls.optouts_collection),
             heartbeat_seconds=var.number(env, "HEARTBEAT_SECONDS", cls.heartbeat_seconds),
             instance_id=env.get("POLLER_INSTANCE_ID", "").strip() or default_instance_id(),
             health_port=var.port(env, "HEALTH_PORT"),
@@ -168,9 +176,11 @@ class Settings:
             timezone=var.timezone(env, "TIMEZONE", cls.timezone),
             quiet_hours=var.quiet_hours(env, "QUIET_HOURS"),
         )
-        return replace(
+        settings = replace(
             settings, **_events(env), dashboard_token=_dashboard(env, settings.health_port)
         )
+        found = _unknown(reads.env, reads.names) + _api_suffix(settings.servers)
+        return replace(settings, warnings=tuple(found))
 
     @property
     def servers(self) -> tuple[WahaServer, ...]:
@@ -193,6 +203,84 @@ class Settings:
         except (InvalidURI, ConfigurationError, ValueError):
             pass
         return sorted({s for s in found if s})
+
+
+def variables(env: Mapping[str, str]) -> frozenset[str]:
+    """The names of the settings for `env`: every name `Settings.from_env` reads from it (so
+    WAHA_<NAME>_URL and WAHA_<NAME>_API_KEY for each name WAHA_SERVERS gives)."""
+    reads = _Reads(env)
+    Settings.from_env(reads)
+    return frozenset(reads.names)
+
+
+# Variables with a poller prefix that the test suite and the benchmarks read, not the poller.
+NOT_SETTINGS = (
+    "MONGODB_TEST_URI",
+    "POLLER_TEST_LOGS",
+    "POLLER_MODEL_EXAMPLES",
+    "WAHA_OPENAPI",
+    "DASHBOARD_SCREENSHOT",
+)
+
+# Docker links and Kubernetes services name variables after a service (a service `mongodb`
+# sets MONGODB_PORT, MONGODB_SERVICE_HOST, ...): not meant for the poller.
+_SERVICE_LINK = re.compile(r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_[A-Z]+\w*)?)")
+
+
+class _Reads(Mapping[str, str]):
+    """An environment that notes every name looked up in it: what `Settings.from_env` reads
+    is, by definition, the list of known settings."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.names: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.names.add(name)
+        return self.env[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.env)
+
+    def __len__(self) -> int:
+        return len(self.env)
+
+
+def _unknown(env: Mapping[str, str], known: set[str]) -> list[str]:
+    """A warning for each variable that looks meant for the poller but is no setting of it: it
+    begins as a known setting does (its first word, `PACING_`, or the whole of a one-word name,
+    `TYPING`) or ends in `_COLLECTION`, with the nearest known name. WAHA_* names are WAHA's own
+    too (WAHA_API_KEY_EXCLUDE_PATH, ...; a .env may serve both): only a near miss of a poller
+    name is reported there."""
+    prefixes = tuple({name.split("_")[0] + ("_" if "_" in name else "") for name in known})
+    found = []
+    for name in sorted(env):
+        upper = name.upper()
+        meant = upper.startswith(prefixes) or upper.endswith("_COLLECTION")
+        if name in known or upper in NOT_SETTINGS or not meant or _SERVICE_LINK.fullmatch(upper):
+            continue
+        waha = upper.startswith("WAHA_")
+        if upper in known:
+            hint = f"; names are case-sensitive: did you mean {upper}?"
+        elif nearest := difflib.get_close_matches(upper, known, 1, 0.85 if waha else 0.6):
+            hint = f"; did you mean {nearest[0]}?"
+        elif waha:
+            continue
+        else:
+            hint = ""
+        found.append(f"{name} is not a poller setting and is ignored{hint}")
+    return found
+
+
+def _api_suffix(servers: tuple[WahaServer, ...]) -> list[str]:
+    """A warning for each WAHA URL whose path ends in /api: the poller adds /api/... itself, so
+    WAHA would see /api/api/... (unless a proxy serves WAHA under that path)."""
+    return [
+        f"{s.url_variable} ends in /api, but the poller adds /api/... itself: it should be the "
+        f"WAHA server's root ({s.url.removesuffix('/api')}), unless a proxy serves WAHA there"
+        for s in servers
+        if urlsplit(s.url).path.rstrip("/").endswith("/api")
+    ]
 
 
 def default_instance_id() -> str:
@@ -238,7 +326,8 @@ def _servers(env: Mapping[str, str]) -> tuple[WahaServer, ...]:
             if own
             else (var.header_value(env, "WAHA_API_KEY"), "WAHA_API_KEY")
         )
-        servers[prefix] = WahaServer(name, var.http_url(env, f"{prefix}URL", ""), key, variable)
+        url = var.http_url(env, f"{prefix}URL", "")
+        servers[prefix] = WahaServer(name, url, key, variable, f"{prefix}URL")
     urls = [server.url.lower() for server in servers.values()]
     for url in urls:
         if urls.count(url) > 1:

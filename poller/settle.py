@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from poller.contract import CANCELLED, CLAIMED, EXPIRED, FAILED, NOT_DONE, SENDING, UNKNOWN
+from loguru import logger
+
+from poller.contract import (
+    CANCELLED,
+    CLAIMED,
+    EXPIRED,
+    FAILED,
+    NOT_DONE,
+    SENDING,
+    UNKNOWN,
+    show,
+)
 from poller.counts import TickCounts
 from poller.store import Doc, Store
 from poller.store.messages import SETTLE_CHUNK, UNPICKED, gone, in_time
@@ -69,9 +80,15 @@ def behind(store: Store, docs: list[Doc], now: datetime, counts: TickCounts) -> 
 
 
 def undated(store: Store, docs: list[Doc], now: datetime, counts: TickCounts) -> None:
-    """Messages whose scheduledAt is not a date: failed."""
+    """Messages whose scheduledAt is not a date: failed, each with its log line."""
     where = {"lane": None, **UNPICKED, "scheduledAt": {"$not": {"$type": "date"}}, **NOT_DONE}
     counts.failed += store.messages.end(docs, where, (FAILED, NO_DATE), now, counts.stats)
+    for doc in docs:
+        logger.warning(
+            "message {} failed: scheduledAt must be a date, but it is {}",
+            doc["_id"],
+            show(doc.get("scheduledAt")),
+        )
 
 
 def abandoned(

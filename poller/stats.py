@@ -58,6 +58,9 @@ class Tally:
     changes: dict[str, Counter[str]] = field(default_factory=dict)
     ids: dict[str, Any] = field(default_factory=dict)
     recounts: set[str] = field(default_factory=set)
+    # Campaigns with messages planned in the tick: those without stats yet are counted, so
+    # that a campaign shows from the moment its messages are seen, not once one has ended.
+    seen: set[str] = field(default_factory=set)
 
     def moved(self, campaign: Any, before: Any, after: Any) -> None:
         """One message of `campaign` went from status `before` to `after`."""
@@ -75,11 +78,19 @@ class Tally:
             if key is not None:
                 self.recounts.add(key)
 
+    def saw(self, campaigns: Iterable[Any]) -> None:
+        """Messages of these campaigns were planned."""
+        for campaign in campaigns:
+            key = self._key(campaign)
+            if key is not None:
+                self.seen.add(key)
+
     def add(self, other: Tally) -> None:
         for key, change in other.changes.items():
             self.changes.setdefault(key, Counter()).update(change)
         self.ids.update(other.ids)
         self.recounts |= other.recounts
+        self.seen |= other.seen
 
     def campaigns(self) -> dict[Any, dict[str, int]]:
         """Each campaign touched (its id as written) with its non-zero changes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,7 @@ from pymongo.errors import PyMongoError
 from rich.console import Console
 from rich.table import Table
 
-from poller import refusals
+from poller import mongo_errors, refusals
 from poller.context import session_cap
 from poller.pacing import Pacing
 from poller.settings import Settings
@@ -29,7 +30,7 @@ def check(settings: Settings, instance: str | None = None) -> int:
         finally:
             store.close()
     except PyMongoError as exc:
-        _line(f"poller check: MongoDB is unavailable: {_one_line(exc)}")
+        _line(f"poller check: MongoDB is unavailable: {_mongo(exc, settings)}")
         return 1
     who = f"poller '{instance}'" if instance else "a poller"
     if not live:
@@ -90,7 +91,7 @@ def status(settings: Settings, as_json: bool = False) -> int:
         finally:
             store.close()
     except PyMongoError as exc:
-        _line(f"poller status: MongoDB is unavailable: {_one_line(exc)}")
+        _line(f"poller status: MongoDB is unavailable: {_mongo(exc, settings)}")
         return 1
     if as_json:
         sys.stdout.write(to_json(overview, indent=2) + "\n")
@@ -158,11 +159,11 @@ def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any
     caps = store.sessions.daily_caps()
     today = pacing.day(now).isoformat()
     rows = []
-    plans = store.plans.lanes()
+    plans = store.plans.lanes(store.campaigns.flags().held)
     for name, lane in sorted(store.turns.lanes().items()):
         cap = session_cap(caps, name, pacing.daily_cap, store.sessions.collection.name)
         sent_today = int(lane.get("count") or 0) if lane.get("day") == today else 0
-        waiting, next_at = plans.get(name, (0, None))
+        waiting, next_at, paused = plans.get(name, (0, None, 0))
         if not (waiting or sent_today or lane.get("blocked") or isinstance(cap, str)):
             continue  # a session with nothing to show
         quiet = pacing.quiet_until(now)
@@ -171,10 +172,13 @@ def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any
             why = f"quiet hours ({pacing.describe_quiet()}) until {quiet.isoformat()}"
         elif why is None and isinstance(cap, int) and sent_today >= cap and waiting:
             why = f"daily cap of {cap} reached"
+        elif why is None and waiting and paused == waiting:
+            why = "its campaigns are paused"
         rows.append(
             {
                 "session": name or "(none)",
-                "waiting": waiting,
+                "waiting": waiting,  # paused ones included
+                "paused": paused,  # of a paused campaign: not in nextPlannedAt
                 "nextPlannedAt": next_at,
                 "sentToday": sent_today,
                 "dailyCap": None if isinstance(cap, str) else cap,
@@ -185,17 +189,15 @@ def _sessions(store: Store, now: datetime, pacing: Pacing) -> list[dict[str, Any
 
 
 def _render(overview: dict[str, Any], now: datetime) -> None:
+    """The overview as tables that read well at 80 columns: headers never cut, long cells
+    folded onto more lines."""
     console = Console()
-    pollers = Table(title="Pollers (live)", title_justify="left")
-    for column in ("instance", "host", "pid", "version", "seen", "last tick", "WAHA sessions"):
-        pollers.add_column(column)
+    pollers = _table("Pollers (live)", "poller", "version", "seen", "last tick", "WAHA sessions")
     for beat in overview["instances"]:
         last = beat.get("lastTick") or {}
         sessions = beat.get("wahaSessions")
         pollers.add_row(
-            str(beat["_id"]),
-            str(beat.get("host")),
-            str(beat.get("pid")),
+            f"{beat['_id']} on {beat.get('host')}",
             str(beat.get("version")),
             f"{(now - beat['lastSeenAt']).total_seconds():.0f} s ago",
             f"sent {last.get('sent', 0)}, failed {last.get('failed', 0)}" if last else "-",
@@ -204,27 +206,25 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
             else ", ".join(f"{s['name']}: {s['status']}" for s in sessions) or "none",
         )
     if not overview["instances"]:
-        pollers.add_row("[red]none: nothing is sending[/red]", "", "", "", "", "", "")
+        pollers.add_row("[red]none: nothing is sending[/red]", "", "", "", "")
     console.print(pollers)
     if overview["eventsRefusedText"]:
         console.print(f"[red]{overview['eventsRefusedText']}[/red]")
 
     if overview["servers"]:
-        servers = Table(title="WAHA servers", title_justify="left")
-        for column in ("server", "url", "state"):
-            servers.add_column(column)
+        servers = _table("WAHA servers", "server", "url", "state")
         for server in overview["servers"]:
             servers.add_row(server["name"], server["url"], server["state"])
         console.print(servers)
 
-    sessions = Table(title="WhatsApp sessions", title_justify="left")
-    for column in ("session", "waiting", "next planned send", "sent today", "not sending because"):
-        sessions.add_column(column)
+    sessions = _table(
+        "WhatsApp sessions", "session", "waiting", "next send", "today", "not sending because"
+    )
     for row in overview["sessions"]:
         cap = row["dailyCap"]
         sessions.add_row(
             row["session"],
-            str(row["waiting"]),
+            f"{row['waiting']} ({row['paused']} paused)" if row["paused"] else str(row["waiting"]),
             _when(row["nextPlannedAt"], now),
             f"{row['sentToday']} of {cap}" if cap is not None else str(row["sentToday"]),
             row["notSending"] or "-",
@@ -233,58 +233,39 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         sessions.add_row("none", "", "", "", "")
     console.print(sessions)
 
-    messages = Table(title="Messages", title_justify="left")
     counts = {**overview["messages"], **overview["last24h"]}
-    labels = {
-        "dueNow": "due now",
-        "inProgress": "being sent",
-        "scheduledLater": "scheduled later",
-        "sent": "sent (24 h)",
-        "failed": "failed (24 h)",
-        "expired": "expired (24 h)",
-        "unknown": "unknown (24 h)",
-        "cancelled": "cancelled (24 h)",
-        "delivered": "delivered (24 h)",
-        "read": "read (24 h)",
-        "optedOut": "opted out (24 h)",
-    }
-    for label in labels.values():
-        messages.add_column(label, justify="right")
-    messages.add_row(*(str(counts.get(key, 0)) for key in labels))
-    console.print(messages)
+    console.print("[italic]Messages[/italic]")
+    for label, keys in MESSAGE_LINES:
+        listed = ", ".join(f"{counts.get(key, 0)} {name}" for key, name in keys)
+        console.print(f"  {label}: {listed}")
 
-    campaigns = Table(title="Running campaigns", title_justify="left")
-    for column in ("campaign", "status", "sent", "failed", "expired", "total", "progress", "eta"):
-        campaigns.add_column(column)
+    campaigns = _table("Running campaigns", "campaign", "status", "sent", "failed", "of", "eta")
     for campaign in overview["campaigns"]:
         stats = campaign.get("stats") or {}
         total = stats.get("total") or 0
         done = sum(stats.get(k, 0) for k in ("sent", "failed", "expired"))
+        progress = f" ({100 * done / total:.0f}%)" if total else ""
         campaigns.add_row(
             str(campaign.get("name") or campaign["_id"]),
             str(campaign.get("status") or "-"),
-            *(str(stats.get(k, 0)) for k in ("sent", "failed", "expired")),
-            str(total),
-            f"{100 * done / total:.0f}%" if total else "-",
+            str(stats.get("sent", 0)),
+            str(stats.get("failed", 0) + stats.get("expired", 0)),
+            f"{total}{progress}",
             _when(campaign.get("eta"), now),
         )
     if not overview["campaigns"]:
-        campaigns.add_row("none", "", "", "", "", "", "", "")
+        campaigns.add_row("none", "", "", "", "", "")
     console.print(campaigns)
 
     if overview["optouts"]:
-        optouts = Table(title="Latest opt-outs", title_justify="left")
-        for column in ("session", "chat", "since"):
-            optouts.add_column(column)
+        optouts = _table("Latest opt-outs", "session", "chat", "since")
         for row in overview["optouts"]:
             optouts.add_row(
                 str(row.get("session")), str(row.get("chatId")), _when(row.get("at"), now)
             )
         console.print(optouts)
 
-    schedules = Table(title="Recurring schedules", title_justify="left")
-    for column in ("schedule", "cron", "time zone", "next occurrence", "problem"):
-        schedules.add_column(column)
+    schedules = _table("Recurring schedules", "schedule", "cron", "zone", "next", "problem")
     for row in overview["schedules"]:
         schedules.add_row(
             str(row["name"]),
@@ -298,6 +279,32 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
     console.print(schedules)
 
 
+# The Messages lines of `poller status`: (label, ((count key, what it counts), ...)).
+MESSAGE_LINES = (
+    ("now", (("dueNow", "due"), ("inProgress", "being sent"), ("scheduledLater", "later"))),
+    (
+        "last 24 h",
+        (
+            ("sent", "sent"),
+            ("failed", "failed"),
+            ("expired", "expired"),
+            ("unknown", "unknown"),
+            ("cancelled", "cancelled"),
+        ),
+    ),
+    ("receipts, 24 h", (("delivered", "delivered"), ("read", "read"), ("optedOut", "opted out"))),
+)
+
+
+def _table(title: str, *columns: str) -> Table:
+    """A table whose headers are never cut (each column at least as wide as its header) and
+    whose cells fold onto more lines when the terminal is narrow."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, min_width=len(column), overflow="fold")
+    return table
+
+
 def _when(at: Any, now: datetime) -> str:
     """A time as an operator reads it: UTC, and how far from now."""
     if not isinstance(at, datetime):
@@ -308,11 +315,12 @@ def _when(at: Any, now: datetime) -> str:
 
 
 def _span(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    """A span in whole units, rounded down, as the dashboard writes it: seconds under 2
+    minutes, minutes under 2 hours, hours under 2 days, then days."""
+    for unit, size, below in (("s", 1, 120), ("min", 60, 7200), ("h", 3600, 172800)):
+        if seconds < below:
+            return f"{math.floor(seconds / size)} {unit}"
+    return f"{math.floor(seconds / 86400)} days"
 
 
 def _json(value: Any) -> Any:
@@ -322,8 +330,8 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300]
+def _mongo(exc: PyMongoError, settings: Settings) -> str:
+    return mongo_errors.describe(exc, settings.mongodb_timeout_seconds)
 
 
 def _line(text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -17,7 +18,9 @@ class Verdict(enum.Enum):
     RETRY = "retry"  # not sent; try again later
     FAILED = "failed"  # final: not sent, or not safe to send again
     UNKNOWN = "unknown"  # final: WAHA may have sent it; it must not be sent again
-    REJECTED_KEY = "rejected_key"  # WAHA refused the API key: stop talking to it this tick
+    # WAHA refused this poller's settings for the server: its API key, or (`wrong_url`) a URL
+    # under which it serves none of its routes. Stop talking to that server this tick.
+    REJECTED_KEY = "rejected_key"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Outcome:
     ambiguous: bool = False
     # No connection to WAHA at all: nothing else would get through either.
     unreachable: bool = False
+    # With REJECTED_KEY: no route serves the path (Express's "Cannot POST /api/api/sendText"),
+    # so the server's URL setting is wrong, not its key nor the session.
+    wrong_url: bool = False
 
 
 class WahaClient:
@@ -39,6 +45,7 @@ class WahaClient:
         api_key: str,
         timeout_seconds: float,
         key_variable: str = "WAHA_API_KEY",
+        url_variable: str = "WAHA_URL",
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError("WAHA base URL must start with http:// or https://")
@@ -53,6 +60,7 @@ class WahaClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout_seconds
         self.key_variable = key_variable  # where the key is set, for the reason it is refused
+        self.url_variable = url_variable  # and the URL, for the reason no route serves it
         # False once this WAHA has shown it cannot pre-generate message ids (older versions).
         self.offers_ids = True
         self._http = httpx.Client(
@@ -105,7 +113,8 @@ class WahaClient:
         except httpx.HTTPError as exc:
             reason = f"the connection to WAHA broke ({_kind(exc)})"
             return Outcome(Verdict.RETRY, reason, ambiguous=True)
-        return classify(response.status_code, _json(response), session, self.key_variable)
+        code, body = response.status_code, _json(response)
+        return self._misrouted(code, body, path) or classify(code, body, session, self.key_variable)
 
     def new_message_id(self, session: str) -> str | Outcome | None:
         """A pre-generated id for the next message (WAHA 2026.4.3+, NOWEB and GOWS engines).
@@ -133,15 +142,38 @@ class WahaClient:
                 f"({code}, {_content_type(response)})"
             )
             return Outcome(Verdict.RETRY, reason, status_code=code)
-        if _no_route(code, body, path) or (code == 422 and "not implemented" in said):
+        if _unrouted(code, body) == path or (code == 422 and "not implemented" in said):
             self.offers_ids = False  # this WAHA has no such route, or its engine has no ids
             return None
+        if wrong := self._misrouted(code, body, path):
+            return wrong
         if code == 404 and "find a session" in said:
             return classify(code, body, session, self.key_variable)
         if code in (404, 405) or code >= 500:
             reason = f"WAHA gave no message id ({code}{said or ', ' + _content_type(response)})"
             return Outcome(Verdict.RETRY, reason, None, code)
         return classify(code, body, session, self.key_variable)
+
+    def _misrouted(self, code: int, body: Any, path: str) -> Outcome | None:
+        """A refusal of the server's URL setting when the answer to `path` is Express's own 404
+        for a path no route serves, and the path it quotes shows why: WAHA received it under a
+        prefix (a URL ending in /api, as every URL in WAHA's docs does), or whatever answers has
+        no WAHA route there. None for any other answer (one that quotes another path is unclear).
+        """
+        quoted = _unrouted(code, body)
+        if quoted is None or not quoted.endswith(path):
+            return None
+        prefix, variable = quoted.removesuffix(path), self.url_variable
+        if prefix.endswith("/api") or "/api/api/" in quoted:
+            fix = f"{variable} should be the server's root, without /api"
+            if self.base_url.endswith("/api"):
+                fix += f" ({self.base_url.removesuffix('/api')})"
+        elif prefix:
+            fix = f"{variable} should be the WAHA server's root URL, without {prefix}"
+        else:
+            fix = f"is {variable} the WAHA server's URL (not the web app's)?"
+        reason = f"{self.base_url} answered 404 '{_message(body)[:200]}': {fix}"
+        return Outcome(Verdict.REJECTED_KEY, reason, None, code, wrong_url=True)
 
     def _unreachable(self, exc: Exception) -> Outcome:
         reason = f"WAHA at {self.base_url} could not be reached ({_kind(exc)})"
@@ -170,6 +202,8 @@ class WahaClient:
         code, body = response.status_code, _json(response)
         if code in (401, 403):
             return classify(code, body, "", self.key_variable)
+        if wrong := self._misrouted(code, body, "/api/sessions"):
+            return wrong
         if code != 200 or not isinstance(body, list):
             reason = f"WAHA did not list its sessions ({code}{_said(body)})"
             return Outcome(Verdict.RETRY, reason, None, code)
@@ -190,6 +224,9 @@ def classify(code: int, body: Any, session: str, key_variable: str = "WAHA_API_K
         return Outcome(
             Verdict.REJECTED_KEY, f"WAHA rejected the API key (check {key_variable})", None, code
         )
+    if code == 404 and _unrouted(code, body) is not None:
+        # Express's answer for a path no route serves: nothing to do with the session.
+        return Outcome(Verdict.RETRY, f"WAHA has no such route (404{said})", None, code)
     if code == 404:
         reason = f"WhatsApp session '{session}' is not started on WAHA"
         return Outcome(Verdict.RETRY, reason, None, code)
@@ -213,16 +250,21 @@ def _segment(value: str) -> str:
     return quote(value, safe="").replace(".", "%2E")
 
 
-def _no_route(code: int, body: Any, path: str) -> bool:
-    """Express's own 404 for a path no route serves (`Cannot GET <path>`), unlike WAHA's 404 for
-    a session it does not know."""
+# Express's own 404 for a path no route serves, as NestJS words it (the path as requested).
+_NO_ROUTE = re.compile(r"Cannot (?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/\S*)")
+
+
+def _unrouted(code: int, body: Any) -> str | None:
+    """The path (without its query) that Express's own 404 says no route serves (`Cannot GET
+    /api/default/new-message-id`), unlike WAHA's 404 for a session it does not know; None for
+    any other answer."""
+    found = _NO_ROUTE.fullmatch(_message(body)) if code == 404 else None
+    return found.group(1).split("?")[0] if found else None
+
+
+def _message(body: Any) -> str:
     message = body.get("message") if isinstance(body, dict) else None
-    return (
-        code == 404
-        and isinstance(message, str)
-        and message.startswith("Cannot GET ")
-        and message.endswith(path)
-    )
+    return message if isinstance(message, str) else ""
 
 
 def _content_type(response: httpx.Response) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from pymongo import MongoClient
-from support import API_KEY, child_logs, leaked_lines, suite_secrets
+from support import API_KEY, NO_SPEC, SPEC, child_logs, leaked_lines, suite_secrets
 
 from poller.settings import Settings
 from poller.store import Store
@@ -24,7 +24,6 @@ from poller.testing.waha import Request, WahaSimulator
 from poller.waha import WahaClient
 
 ROOT = Path(__file__).resolve().parents[1]
-OPENAPI = Path(os.environ.get("WAHA_OPENAPI", ROOT.parent / "shared" / "waha" / "openapi.json"))
 
 # Slow tests in files that do not mark them themselves (`make test` leaves slow tests out).
 SLOW = ("tests/test_bad_input.py::test_arbitrary_documents_never_stop_the_poller",)
@@ -35,6 +34,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.split("[")[0] in SLOW:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)  # around pytest's own: after its short summary
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter,
+) -> Generator[None, None, None]:
+    """One line at the end of a run that skipped checks against WAHA's published spec (just
+    above the counts): how many, and how to turn them on."""
+    yield
+    skipped = terminalreporter.stats.get("skipped", [])
+    count = sum(NO_SPEC in str(getattr(report, "longrepr", "")) for report in skipped)
+    if count:
+        terminalreporter.write_line(
+            f"{count} checks against WAHA's published OpenAPI spec skipped (no spec at {SPEC}): "
+            "set WAHA_OPENAPI to its path to run them. Every WAHA server serves it: curl -o "
+            "openapi.json http://localhost:3000/-json (or waha.devlike.pro/swagger/openapi.json)"
+        )
 
 
 # -- every log line of every test, scanned for secrets -------------------------------------------
@@ -130,7 +146,7 @@ def db_name(mongo_uri: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def openapi_validator() -> Callable[[Request], str | None] | None:
     """Checks a request against WAHA's published OpenAPI spec, when the spec is beside the repo."""
-    if not OPENAPI.exists():
+    if not SPEC.exists():
         return None
     from urllib.parse import parse_qsl
 
@@ -138,9 +154,7 @@ def openapi_validator() -> Callable[[Request], str | None] | None:
     from openapi_core.testing import MockRequest
 
     # The published spec has schema slips of its own (`required: true`): check requests, not it.
-    spec = OpenAPI.from_dict(
-        json.loads(OPENAPI.read_text()), config=Config(spec_validator_cls=None)
-    )
+    spec = OpenAPI.from_dict(json.loads(SPEC.read_text()), config=Config(spec_validator_cls=None))
 
     def validate(request: Request) -> str | None:
         mock = MockRequest(

@@ -46,6 +46,14 @@ SECRETS = [
 # The poller command, as the tests start it.
 POLLER = [sys.executable, "-m", "poller"]
 
+# WAHA's published OpenAPI description: WAHA_OPENAPI, or ../shared/waha/openapi.json beside the
+# repository (every WAHA server serves its own at GET /-json). The tests that check requests and
+# answers against it skip without it, all with this reason (conftest.py counts them).
+SPEC = Path(
+    os.environ.get("WAHA_OPENAPI", Path(__file__).resolve().parents[2] / "shared/waha/openapi.json")
+)
+NO_SPEC = f"WAHA's published spec is not at {SPEC}"
+
 
 def suite_secrets() -> list[str]:
     """SECRETS, and the password of MONGODB_TEST_URI when the suite runs against a real mongod."""

@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +43,12 @@ from poller.testing.mongo import free_port
 from poller.testing.waha import WahaSimulator
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where the campaign flow saves its screenshot: README's picture is updated with
-# DASHBOARD_SCREENSHOT=docs/dashboard.png; otherwise it goes to the test's own folder.
+# Where test_screenshots_of_one_moment saves its pictures: README's are updated with
+# DASHBOARD_SCREENSHOT=docs/dashboard.png, the phone's beside it (docs/dashboard-phone.png);
+# otherwise they go to the test's own folder.
 SCREENSHOT = os.environ.get("DASHBOARD_SCREENSHOT")
+PHONE_SCREENSHOT = SCREENSHOT and str(Path(SCREENSHOT).with_stem(Path(SCREENSHOT).stem + "-phone"))
+PHONE = {"width": 390, "height": 844}
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -70,16 +75,31 @@ def browser(chromium: str) -> Iterator[Any]:
         launched.close()
 
 
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+@contextmanager
+def opened(browser: Any, viewport: dict[str, int]) -> Iterator[Any]:
+    """A page in a browser context of its own, `viewport` wide and high."""
+    context = browser.new_context(viewport=viewport)
     opened = context.new_page()
     opened.set_default_timeout(60_000)  # generous: a busy machine is slow, never different
     dialogs: list[str] = []
     opened.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
     opened.dialogs = dialogs
-    yield opened
-    context.close()
+    try:
+        yield opened
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    with opened(browser, {"width": 1280, "height": 900}) as desktop:
+        yield desktop
+
+
+@pytest.fixture
+def phone(browser: Any) -> Iterator[Any]:
+    with opened(browser, PHONE) as small:
+        yield small
 
 
 @pytest.fixture
@@ -142,7 +162,6 @@ def test_log_in_watch_a_campaign_then_pause_resume_and_cancel_it(
         # Its progress advances as WAHA receives the messages.
         wait_until(lambda: campaign_counts(page, "Black Friday")["sent"] >= 2, 120, "progress")
         seen = campaign_counts(page, "Black Friday")["sent"]
-        page.screenshot(path=SCREENSHOT or str(tmp_path / "dashboard.png"), full_page=True)
         wait_until(lambda: campaign_counts(page, "Black Friday")["sent"] > seen, 120, "advance")
 
         # Pause: once the poller has held it, WAHA receives nothing more for it.
@@ -367,6 +386,343 @@ def test_without_a_token_the_dashboard_is_not_even_imported() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+# Reasons as long as real ones get, with a word too long for a phone's line.
+LONG_BLOCK = (
+    "WhatsApp session 'sales' is SCAN_QR_CODE on WAHA server vps-2: scan the QR code in WAHA's "
+    "dashboard (https://vps-2.example.com:3000/dashboard/sessions/sales/qr-code-for-pairing)"
+)
+LONG_PROBLEM = (
+    "the cron expression '0 9 * * MON-FRI' needs a time zone that exists: Europe/Londres is "
+    "not one (did you mean Europe/London?)"
+)
+LONG_WHY = (
+    "WAHA refused the message (400: The number 447700900555@c.us is not registered on "
+    "WhatsApp) after 3 attempts; ID=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+)
+
+
+def lived_in(settings: Settings, store: Store) -> Any:
+    """A database a dashboard shows a bit of everything from, with long reasons: a live poller
+    whose second WAHA server lists session `sales` not WORKING, `sales` blocked, a campaign
+    with a failed message, a schedule with a problem whose next occurrence is 5 days and
+    3 hours away. The campaign's id."""
+    db, now = store.messages.collection.database, utcnow()
+    db[settings.heartbeats_collection].insert_one(
+        {
+            "_id": "vps-1:4242:a1b2c3/5f0e9d1c",
+            "instance": "vps-1:4242:a1b2c3",
+            "host": "vps-1",
+            "version": "0.1.0",
+            "ticking": True,
+            "lastSeenAt": now,
+            "lastTickAt": now,
+            "aliveUntil": now + seconds(3600),
+            "lastTick": {"sent": 3, "failed": 1},
+            "wahaServers": [
+                {
+                    "name": "vps-1",
+                    "url": "http://10.0.0.1:3000",
+                    "reachable": True,
+                    "keyAccepted": True,
+                    "breaker": "closed",
+                    "problem": None,
+                    "sessions": [{"name": "default", "status": "WORKING"}],
+                },
+                {
+                    "name": "vps-2",
+                    "url": "http://10.0.0.2:3000",
+                    "reachable": True,
+                    "keyAccepted": True,
+                    "breaker": "closed",
+                    "problem": None,
+                    "sessions": [{"name": "sales", "status": "SCAN_QR_CODE"}],
+                },
+            ],
+        }
+    )
+    db[settings.pacing_collection].insert_one({"_id": "sales", "blocked": LONG_BLOCK})
+    campaign = (
+        db[settings.campaigns_collection]
+        .insert_one(
+            {
+                "name": "Spring sale",
+                "status": "running",
+                "stats": {"total": 4, "sent": 2, "failed": 1},
+                "eta": now + seconds(600),
+            }
+        )
+        .inserted_id
+    )
+    db[settings.definitions_collection].insert_one(
+        {
+            "name": "Weekly digest",
+            "cron": "0 9 * * MON-FRI",
+            "timezone": "Europe/Londres",
+            "isActive": True,
+            "nextOccurrenceAt": now + seconds(5 * 86400 + 3 * 3600),
+            "lastError": LONG_PROBLEM,
+        }
+    )
+    store.messages.collection.insert_one(
+        {
+            **message(now - seconds(60), chat_id="447700900555@c.us", campaignId=campaign),
+            "status": "failed",
+            "finishedAt": now - seconds(30),
+            "lastError": LONG_WHY,
+        }
+    )
+    return campaign
+
+
+def test_on_a_phone_every_field_and_reason_shows_on_the_screen(
+    phone: Any, served: str, settings: Settings, store: Store
+) -> None:
+    lived_in(settings, store)
+    log_in(phone, served)
+    phone.get_by_text("Spring sale").first.wait_for()
+    width = PHONE["width"]
+    # The reasons, and the columns that sat off-screen beside them, in every table.
+    cells = [phone.get_by_text(reason, exact=True) for reason in (LONG_BLOCK, LONG_PROBLEM)]
+    cells.append(phone.locator("#notsent td", has_text="is not registered on WhatsApp"))
+    cells.append(phone.locator("#servers td", has_text="sessions: sales SCAN_QR_CODE"))
+    for section, label in (("sessions", "sent today"), ("schedules", "next occurrence")):
+        cells.append(phone.locator(f"#{section} td[data-label='{label}']"))
+    for cell in cells:
+        assert cell.count() == 1, cell
+        cell.scroll_into_view_if_needed()
+        assert cell.is_visible(), cell
+        box = cell.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, (cell, box)
+    # Each value is named on its own line, and nothing makes the page scroll sideways.
+    assert phone.locator("#sessions td", has_text=LONG_BLOCK).get_attribute("data-label") == (
+        "not sending because"
+    )
+    label = "getComputedStyle(document.querySelector('#notsent td'), '::before').content"
+    assert phone.evaluate(label) == '"status"'
+    assert phone.evaluate("document.scrollingElement.scrollWidth") <= width
+
+
+def test_times_in_utc_spans_in_days_and_names_instead_of_ids(
+    page: Any, served: str, settings: Settings, store: Store
+) -> None:
+    lived = lived_in(settings, store)
+    store.messages.collection.insert_one(  # of no campaign
+        {
+            **message(utcnow(), chat_id="447700900556@c.us"),
+            "status": "expired",
+            "finishedAt": utcnow(),
+            "lastError": "more than 120 s past its time",
+        }
+    )
+    log_in(page, served)
+    page.get_by_text("Spring sale").first.wait_for()
+    assert re.fullmatch(r"updated \d\d:\d\d:\d\d UTC", page.inner_text("#updated"))
+    assert page.locator("#schedules td", has_text="(in 5 days)").count() == 1
+    # The failed message's campaign by its name; session `sales` on the server that lists it.
+    failed = page.locator("#notsent tbody tr", has_text="failed")
+    assert failed.locator("td").nth(3).inner_text() == "Spring sale"
+    sales = page.locator("#sessions tbody tr", has_text="sales")
+    assert sales.locator("td").nth(1).inner_text() == "vps-2"
+
+    # A campaign's not-sent messages are found by its name as well as by its id.
+    assert page.locator("#notsent tbody tr").count() == 2
+    page.fill("input[name=campaign]", "Spring sale")
+    page.click("#filter button")
+    wait_until(lambda: page.locator("#notsent tbody tr").count() == 1, 60, "the filter")
+    assert "Spring sale" in page.inner_text("#notsent tbody tr")
+    bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+    with httpx.Client(base_url=served, headers=bearer) as http:
+        for asked, found in (("Spring sale", 1), (str(lived), 1), ("Autumn sale", 0)):
+            body = http.get("/api/status", params={"campaign": asked}).json()
+            assert len(body["notSent"]) == found, asked
+        names = {m["campaignName"] for m in http.get("/api/status").json()["notSent"]}
+        assert names == {"Spring sale", None}
+
+
+def test_after_pause_the_page_shows_at_once_that_nothing_goes_out(
+    page: Any, served: str, settings: Settings, store: Store
+) -> None:
+    lived_in(settings, store)
+    page.clock.install()  # the page's own 5 s refresh never comes: only the action's can
+    log_in(page, served)
+    spring = page.locator(".campaign", has_text="Spring sale")
+    spring.locator(".counts", has_text="eta").wait_for()
+    page.clock.pause_at(datetime.now(UTC) + seconds(1))
+    spring.get_by_role("button", name="Pause").click()
+    spring.locator(".status", has_text="paused").wait_for()
+    counts = spring.locator(".counts").inner_text()
+    assert "paused: nothing goes out until it is resumed" in counts and "eta" not in counts
+    assert spring.get_by_role("button", name="Resume").is_visible()
+
+
+def test_the_chart_spans_its_data_and_the_day_on_request(
+    page: Any, served: str, store: Store
+) -> None:
+    now = utcnow()
+    store.messages.collection.insert_many(
+        [
+            {
+                **message(now - seconds(600), chat_id=f"4477009001{n:02d}"),
+                "status": "sent",
+                "sentAt": now - seconds(600 - n),
+            }
+            for n in range(2)
+        ]
+        + [
+            {
+                **message(now - seconds(3 * 3600), chat_id="447700900199"),
+                "status": "failed",
+                "finishedAt": now - seconds(3 * 3600),
+            }
+        ]
+    )
+    log_in(page, served)
+    legend = page.locator("#chart .legend")
+    legend.get_by_text("sent 2").wait_for()
+    assert "failed 0" in legend.inner_text()  # 3 hours ago: not in the last hour
+    assert page.inner_text("#chart h2") == "Messages per minute, last hour"
+    # The chart spans the minutes of its data: the sends sit inside it, not at its right edge.
+    width = float(page.get_attribute("#chart svg", "viewBox").split()[2])  # type: ignore[union-attr]
+    bars = [
+        float(x)
+        for x in page.eval_on_selector_all(
+            "#chart rect.sent", "bs => bs.map(b => b.getAttribute('x'))"
+        )
+    ]
+    assert bars and max(bars) / width < 0.9 and width <= 61, (bars, width)
+
+    page.get_by_role("button", name="24 hours").click()
+    legend.get_by_text("failed 1").wait_for()
+    assert page.inner_text("#chart h2") == "Messages per minute, last 24 hours"
+    assert page.get_attribute("button[data-window='24h']", "aria-pressed") == "true"
+    bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
+    with httpx.Client(base_url=served, headers=bearer) as http:
+        day = http.get("/api/status", params={"window": "24h"}).json()
+        hour = http.get("/api/status").json()
+        assert (day["window"], hour["window"]) == ("24h", "1h")
+        assert sum(r["n"] for r in day["perMinute"]) == 3
+        assert sum(r["n"] for r in hour["perMinute"]) == 2
+        assert {"lateness", "pacingDelay"} <= hour.keys()
+        odd = http.get("/api/status", params={"window": "7d"})
+        assert odd.status_code == 400 and odd.json() == {"error": "window is one of 1h, 24h"}
+
+
+def test_lateness_counts_from_the_planned_time_and_pacing_from_the_scheduled_one(
+    page: Any, served: str, store: Store
+) -> None:
+    scheduled = utcnow() - seconds(10 * 3600)
+    # (slotAt - scheduledAt, sentAt - slotAt) in seconds; None: sent by a version without slotAt.
+    sends = [(0, 0.4), (30, 2), (90, 3), (900, 0.5), (4000, 45), (30000, 200), (None, 7)]
+    docs = []
+    for n, (paced, late) in enumerate(sends):
+        slot = scheduled + seconds(paced or 0)
+        doc = {
+            **message(scheduled, chat_id=f"4477009002{n:02d}"),
+            "status": "sent",
+            "sentAt": slot + seconds(late),
+        }
+        if paced is not None:
+            doc["slotAt"] = slot
+        docs.append(doc)
+    store.messages.collection.insert_many(docs)
+    since = scheduled - seconds(60)
+    lateness = {row["from"]: row["n"] for row in store.activity.lateness(since)}
+    assert lateness == {0: 2, 1: 2, 5: 1, 30: 1, 60: 0, 120: 1}
+    pacing = {row["from"]: row["n"] for row in store.activity.pacing_delay(since)}
+    assert pacing == {0: 2, 60: 1, 600: 1, 1800: 1, 7200: 0, 21600: 1}, "only those with slotAt"
+
+    log_in(page, served)
+    page.get_by_role("button", name="24 hours").click()
+    late = page.locator("#lateness")
+    late.get_by_text("2 min or more").wait_for()
+    assert late.locator("h2").inner_text() == (
+        "How late messages went out (against their planned time), last 24 hours"
+    )
+    held = page.locator("#pacing")
+    assert held.locator("h2").inner_text() == "How long pacing held them back, last 24 hours"
+    rows = [
+        (r.locator(".label").inner_text(), r.locator("span").last.inner_text())
+        for r in held.locator(".row").all()
+    ]
+    assert rows == [
+        ("0–60 s", "2"),
+        ("60 s–10 min", "1"),
+        ("10–30 min", "1"),
+        ("30 min–2 h", "1"),
+        ("2–6 h", "0"),
+        ("6 h or more", "1"),
+    ]
+
+
+def test_screenshots_of_one_moment(
+    browser: Any, settings: Settings, store: Store, waha: WahaSimulator, tmp_path: Path
+) -> None:
+    """README's pictures: a paced campaign that reached its session's daily cap, one message
+    expired, taken once the poller has nothing to do until tomorrow, so that every count on
+    the page is of that one moment."""
+    db = store.messages.collection.database
+    campaigns, beats = db[settings.campaigns_collection], db[settings.heartbeats_collection]
+    campaign = campaigns.insert_one({"name": "Black Friday", "status": "running"}).inserted_id
+    now, cap = utcnow(), 6
+    store.messages.collection.insert_many(
+        [
+            message(
+                now - seconds(900 if n == 3 else 0),  # seen too late: expired
+                chat_id=f"4477{n:08d}@c.us",
+                campaignId=campaign,
+                content=f"Black Friday: 30% off today only ({n})",
+            )
+            for n in range(12)
+        ]
+    )
+    port = free_port()
+    env = environment(
+        settings,
+        HEALTH_PORT=str(port),
+        DASHBOARD_TOKEN=DASHBOARD_TOKEN,
+        PACING_MIN_SECONDS="1",
+        PACING_MAX_SECONDS="4",
+        DAILY_CAP=str(cap),
+        POLL_INTERVAL_SECONDS="2",
+        HEARTBEAT_SECONDS="1",
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def idle() -> bool:
+        """The cap reached, each end counted in the campaign, and a tick completed since."""
+        ended = list(
+            store.messages.collection.find(
+                {"status": {"$in": ["sent", "expired"]}}, {"sentAt": 1, "finishedAt": 1}
+            )
+        )
+        stats = (campaigns.find_one({"_id": campaign}) or {}).get("stats") or {}
+        beat = beats.find_one() or {}
+        return (
+            len(ended) == cap + 1
+            and (stats.get("sent"), stats.get("expired")) == (cap, 1)
+            and beat.get("lastTickAt") is not None
+            and all(beat["lastTickAt"] > (d.get("sentAt") or d["finishedAt"]) for d in ended)
+        )
+
+    with replicas([env], tmp_path):
+        wait_until(lambda: _healthy(base), 120, "poller run serves its dashboard")
+        wait_until(idle, 120, "the daily cap reached and counted")
+        assert len(waha.sent) == cap
+        for viewport, path, name in (
+            ({"width": 1280, "height": 900}, SCREENSHOT, "dashboard.png"),
+            (PHONE, PHONE_SCREENSHOT, "dashboard-phone.png"),
+        ):
+            with opened(browser, viewport) as shown:
+                log_in(shown, base)
+                shown.locator(".campaign", has_text="Black Friday").wait_for()
+                shown.locator("#chart .legend", has_text=f"sent {cap}").wait_for()
+                assert campaign_counts(shown, "Black Friday")["sent"] == cap
+                assert "expired 1" in shown.inner_text("#chart .legend")
+                shown.locator("#sessions td", has_text=f"daily cap of {cap} reached").wait_for()
+                shown.locator("#notsent td", has_text="expired").first.wait_for()
+                shown.screenshot(path=path or str(tmp_path / name), full_page=True)
 
 
 def _healthy(base: str) -> bool:

@@ -15,6 +15,8 @@ import httpx
 import pytest
 from openapi_schema_validator import OAS31Validator
 from support import (
+    NO_SPEC,
+    SPEC,
     WEBHOOK_KEY,
     environment,
     event_post,
@@ -38,7 +40,6 @@ from poller.tick import tick
 from poller.waha import WahaClient
 
 HMAC_KEY = WEBHOOK_KEY
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "waha" / "openapi.json"
 
 
 def receiver(store: Store, **fields: Any) -> Receiver:
@@ -277,7 +278,7 @@ def test_a_post_made_while_the_poller_was_down_arrives_when_it_is_back(
 # -- the events as WAHA's schemas describe them ------------------------------------------------
 
 
-@pytest.mark.skipif(not SPEC.exists(), reason=f"WAHA's published spec is not at {SPEC}")
+@pytest.mark.skipif(not SPEC.exists(), reason=NO_SPEC)
 @pytest.mark.parametrize(
     ("schema", "event"),
     [

@@ -390,8 +390,8 @@ def test_servers_from_the_environment() -> None:
     }
     settings = Settings.from_env(env)
     assert settings.servers == (
-        WahaServer("eu-1", "http://10.0.0.5:3000", "own-key", "WAHA_EU_1_API_KEY"),
-        WahaServer("us2", "https://waha.example.com", "shared", "WAHA_API_KEY"),
+        WahaServer("eu-1", "http://10.0.0.5:3000", "own-key", "WAHA_EU_1_API_KEY", "WAHA_EU_1_URL"),
+        WahaServer("us2", "https://waha.example.com", "shared", "WAHA_API_KEY", "WAHA_US2_URL"),
     )
     assert {"own-key", "shared"} <= set(settings.secrets)
     # One server, as before there were several.

@@ -31,9 +31,12 @@ from poller.store import Store
 # The page asks for the picture this often; the database is asked at most once per interval,
 # however many pages are open.
 REFRESH_SECONDS = 5
-# The last 24 hours' per-minute counts and lateness scan the messages of those hours: they are
-# read at most this often.
+# The activity (per-minute counts, lateness, pacing delay) scans the messages of its window:
+# each window's is read at most this often.
 ACTIVITY_SECONDS = 60
+# The activity's windows (`?window=`): the last hour unless the page asks for the day.
+WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24)}
+DEFAULT_WINDOW = "1h"
 ACTIONS = {"pause": "paused", "resume": "running", "cancel": "cancelled"}
 HEADERS = {
     "Content-Security-Policy": (
@@ -61,7 +64,7 @@ class Dashboard:
         self.auth = Auth(token, self.clock)
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, Any]] | None = None
-        self._activity: tuple[float, dict[str, Any]] | None = None
+        self._activity: dict[str, tuple[float, dict[str, Any]]] = {}  # by window
         self.urls = Map(
             merge_slashes=False,  # `//api/status` is not found, not redirected
             rules=[
@@ -147,11 +150,14 @@ class Dashboard:
         session = self.auth.session(request)
         if session is None:
             return _json({"error": "log in first"}, 401)
+        window = request.args.get("window", DEFAULT_WINDOW)
+        if window not in WINDOWS:
+            return _json({"error": f"window is one of {', '.join(WINDOWS)}"}, 400)
         chat = request.args.get("chatId", "").strip()[:200] or None
         campaign = request.args.get("campaign", "").strip()[:200] or None
-        picture = {**self._overview(), "csrf": self.auth.csrf(session)}
+        picture = {**self._overview(window), "csrf": self.auth.csrf(session)}
         if chat or campaign:  # a filtered list, read for this request (the whole one is cached)
-            picture["notSent"] = self.store.activity.not_sent(50, chat, campaign)
+            picture["notSent"] = self._not_sent(chat, campaign)
         return Response(status.to_json(picture), content_type="application/json")
 
     def _action(self, request: Request, campaign: str, action: str) -> Response:
@@ -167,24 +173,33 @@ class Dashboard:
         logger.info("dashboard: campaign {!r} set to {}", campaign[:100], ACTIONS[action])
         return _json({"campaign": campaign, "status": ACTIONS[action]}, 200)
 
-    def _overview(self) -> dict[str, Any]:
-        """`poller status --json`'s picture, with the last 24 hours' activity; read from the
-        database at most once per REFRESH_SECONDS (the activity once per ACTIVITY_SECONDS)."""
+    def _overview(self, window: str) -> dict[str, Any]:
+        """`poller status --json`'s picture, with the activity of the `window`; read from the
+        database at most once per REFRESH_SECONDS (each window's activity once per
+        ACTIVITY_SECONDS)."""
         with self._lock:
             now, ticks = self.clock(), time.monotonic()
             if self._cached is None or ticks - self._cached[0] >= REFRESH_SECONDS:
                 picture = status.build(self.store, now, self.pacing)
                 picture["now"] = now
-                picture["notSent"] = self.store.activity.not_sent(50)
+                picture["notSent"] = self._not_sent()
                 self._cached = (ticks, picture)
-            if self._activity is None or ticks - self._activity[0] >= ACTIVITY_SECONDS:
-                since = now - timedelta(hours=24)
-                activity = {
-                    "perMinute": self.store.activity.per_minute(since),
-                    "lateness": self.store.activity.lateness(since),
+            cached = self._activity.get(window)
+            if cached is None or ticks - cached[0] >= ACTIVITY_SECONDS:
+                since, activity = now - WINDOWS[window], self.store.activity
+                read = {
+                    "window": window,
+                    "activityAt": now,
+                    "perMinute": activity.per_minute(since),
+                    "lateness": activity.lateness(since),
+                    "pacingDelay": activity.pacing_delay(since),
                 }
-                self._activity = (ticks, activity)
-            return {**self._cached[1], **self._activity[1]}
+                cached = self._activity[window] = (ticks, read)
+            return {**self._cached[1], **cached[1]}
+
+    def _not_sent(self, chat: str | None = None, campaign: str | None = None) -> list[Any]:
+        """The latest messages not sent, with their campaigns' names."""
+        return self.store.activity.not_sent(50, chat, campaign)
 
 
 def _asset(name: str) -> str:

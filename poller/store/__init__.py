@@ -57,7 +57,9 @@ class Store:
         self.definitions = Definitions(db[settings.definitions_collection])
         self.optouts = Optouts(db[settings.optouts_collection])
         self.heartbeats = Heartbeats(db[settings.heartbeats_collection], self.timings, self.owner)
-        self.activity = Activity(db[settings.messages_collection])
+        self.activity = Activity(
+            db[settings.messages_collection], db[settings.campaigns_collection]
+        )
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -71,6 +73,11 @@ class Store:
             # Bounds every operation, server selection included: a hung server cannot hang a tick.
             # Within it, a retryable read or write is retried (replica sets, sharded clusters).
             timeoutMS=int(settings.mongodb_timeout_seconds * 1000),
+            # The same limit where timeoutMS does not apply: the monitor's connect and handshake,
+            # a mongodb+srv:// lookup (default 20 s), a server selection outside an operation
+            # (default 30 s).
+            connectTimeoutMS=int(settings.mongodb_timeout_seconds * 1000),
+            serverSelectionTimeoutMS=int(settings.mongodb_timeout_seconds * 1000),
             **options,
         )
         return cls(client, settings)

@@ -145,8 +145,9 @@ class Campaigns:
 
     def control(self, campaign_id: Any, status: str, now: datetime) -> bool:
         """Set a campaign's `status` as the web app does: `paused` (one not paused), `running`
-        (a paused one) or `cancelled`. Only a campaign the poller works on (it has `stats`)
-        and that has not ended; False when there is no such campaign."""
+        (a paused one) or `cancelled`. Only a campaign the poller works on (it has `stats`:
+        its messages were seen) and that has not ended; False when there is no such campaign:
+        one the web app still drafts is not written to."""
         query: Doc = {"_id": {"$in": id_variants(campaign_id)}, **_open()}
         if status == PAUSED:
             query["status"]["$nin"].append(PAUSED)
@@ -158,10 +159,11 @@ class Campaigns:
         return result.matched_count == 1
 
     def running(self, limit: int = 50) -> list[Doc]:
-        """Campaigns with stats that have not finished, for `poller status` and the dashboard
-        (which acts on these)."""
+        """Campaigns that have not finished and whose messages the poller has seen (they have
+        stats), for `poller status` and the dashboard (which acts on these). A paused one has
+        no `eta`: nothing of it goes out until it is resumed."""
         found = self.collection.find(_open(), {"name": 1, "status": 1, "stats": 1, "eta": 1})
-        return list(found.limit(limit))
+        return [{**c, "eta": None} if c.get("status") == PAUSED else c for c in found.limit(limit)]
 
 
 def due_recount(campaign: Doc, now: datetime) -> bool:

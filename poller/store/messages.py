@@ -239,14 +239,22 @@ class Messages:
         return result.modified_count == 1
 
     def sent(
-        self, message_id: Any, waha_message_id: str | None, now: datetime, tally: Tally
+        self,
+        message_id: Any,
+        waha_message_id: str | None,
+        now: datetime,
+        tally: Tally,
+        slot: datetime | None = None,
     ) -> bool:
-        """Record that WAHA accepted the message. `unknown` too: a slow send that another
-        poller gave up on did go out after all."""
+        """Record that WAHA accepted the message, and the planned time (`slot`) it was sent
+        against. `unknown` too: a slow send that another poller gave up on did go out after
+        all."""
         fields = {
             "status": SENT,
             "isSent": True,
             "sentAt": now,
+            # Its plannedAt, which ends with it: how late it went out against its plan.
+            "slotAt": slot,
             "wahaMessageId": waha_message_id,
             # What every engine's acks name it by (see store/receipts.py).
             "wahaKeyId": message_key(waha_message_id) if waha_message_id else None,

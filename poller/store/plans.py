@@ -176,9 +176,13 @@ class Plans:
         ) + self.collection.count_documents(fresh, hint=NEW_INDEX)
 
     def later(self, now: datetime) -> int:
-        """Messages scheduled for later, not yet seen."""
-        query = {"lane": None, **UNPICKED, "scheduledAt": {"$gt": now}}
-        return self.collection.count_documents(query, hint=NEW_INDEX)
+        """Messages that go later: planned for after now (paced, or waiting to be retried),
+        or scheduled for later and not yet seen."""
+        planned = {"plannedAt": {"$gt": now}, **UNPICKED}
+        unseen = {"lane": None, **UNPICKED, "scheduledAt": {"$gt": now}}
+        return self.collection.count_documents(
+            planned, hint=QUEUE_INDEX
+        ) + self.collection.count_documents(unseen, hint=NEW_INDEX)
 
     # Each count below follows an index and counts its keys: no document is read.
 
@@ -205,17 +209,27 @@ class Plans:
             for name, field in (("delivered", "deliveredAt"), ("read", "readAt"))
         }
 
-    def lanes(self) -> dict[str, tuple[int, datetime]]:
-        """Each lane's messages in its plan (waiting, or being sent) and its first planned
-        time, for the lanes that have any: one read of the plan's index, no document."""
+    def lanes(self, held: Iterable[Any] = ()) -> dict[str, tuple[int, datetime | None, int]]:
+        """Each lane's messages in its plan (waiting, or being sent), its first planned time
+        among those not of a `held` (paused) campaign, and how many are of one, for the lanes
+        that have any: one read of the plan's index."""
+        ids = [v for campaign in held for v in id_variants(campaign)]
+        paused = {"$in": ["$campaignId", ids]}
         rows = self.collection.aggregate(
             [
                 {"$match": {"lane": {"$type": "string"}, "plannedAt": {"$type": "date"}}},
-                {"$group": {"_id": "$lane", "n": {"$sum": 1}, "first": {"$min": "$plannedAt"}}},
+                {
+                    "$group": {
+                        "_id": "$lane",
+                        "n": {"$sum": 1},
+                        "first": {"$min": {"$cond": [paused, None, "$plannedAt"]}},
+                        "paused": {"$sum": {"$cond": [paused, 1, 0]}},
+                    }
+                },
             ],
             hint=dict(PLAN_INDEX),
         )
-        return {row["_id"]: (row["n"], row["first"]) for row in rows}
+        return {row["_id"]: (row["n"], row["first"], row["paused"]) for row in rows}
 
 
 def unplanned_query(until: datetime, since: datetime | None = None) -> Doc:

@@ -93,13 +93,15 @@ def _report(poller: Poller, waha: WahaSimulator, campaign_id: ObjectId) -> None:
         previous = message.at
         _out(f"  {gap:>6} {message.session:<8} {message.chat_id:<28} {message.text}\n")
     _out("\nMessages in MongoDB:\n")
-    _out(f"  {'chatId':<26} {'status':<8} {'late':>6}  lastError\n")
+    # paced: how long pacing held it (slotAt - scheduledAt); late: against that plan.
+    _out(f"  {'chatId':<26} {'status':<8} {'paced':>6} {'late':>6}  lastError\n")
     for doc in poller.store.messages.collection.find().sort("scheduledAt", 1):
-        late = ""
-        if doc.get("sentAt"):
-            late = f"{(doc['sentAt'] - doc['scheduledAt']).total_seconds():.1f}s"
+        paced = late = ""
+        if doc.get("sentAt") and doc.get("slotAt"):
+            paced = f"{(doc['slotAt'] - doc['scheduledAt']).total_seconds():.1f}s"
+            late = f"{(doc['sentAt'] - doc['slotAt']).total_seconds():.1f}s"
         _out(
-            f"  {str(doc.get('chatId')):<26} {doc.get('status', '-'):<8} {late:>6}  "
+            f"  {str(doc.get('chatId')):<26} {doc.get('status', '-'):<8} {paced:>6} {late:>6}  "
             f"{doc.get('lastError') or ''}\n"
         )
     campaign = poller.store.campaigns.collection.find_one({"_id": campaign_id}) or {}

@@ -17,6 +17,20 @@ from typing import Any
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
 
+# The folder above the package: a source checkout when it holds pyproject.toml (an editable
+# install, or `python -m poller` in a clone); site-packages after a plain `pip install .`.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def install_hint(extra: str, checkout: Path = CHECKOUT) -> str:
+    """How to install poller's `extra` (demo, test) for the Python that runs this: in a source
+    checkout, its make target or an editable install; otherwise the installed package's extra."""
+    python = sys.executable
+    if (checkout / "pyproject.toml").is_file():
+        editable = f"{python} -m pip install -e '.[{extra}]'"
+        return f"run `make {extra}` in {checkout} (or `{editable}` there)"
+    return f"{python} -m pip install 'poller[{extra}]'"
+
 
 @contextmanager
 def embedded_mongodb() -> Iterator[str]:
@@ -25,7 +39,7 @@ def embedded_mongodb() -> Iterator[str]:
         from secantus import SecantusDBServer
     except ImportError:
         raise SystemExit(
-            "poller: the embedded MongoDB server is not installed: pip install 'poller[demo]'"
+            f"poller: the embedded MongoDB server is not installed: {install_hint('demo')}"
         ) from None
     with tempfile.TemporaryDirectory(prefix="poller-mongo-") as folder:
         server = SecantusDBServer(storage_path=folder)
@@ -44,7 +58,7 @@ class MongoDaemon:
         """`tls`: a self-signed certificate for 127.0.0.1 and its key; clients trust it as CA."""
         binary = Path(sys.executable).parent / "secantusd-py"
         if not binary.exists():
-            raise SystemExit("poller: secantusd-py is not installed: pip install 'poller[test]'")
+            raise SystemExit(f"poller: secantusd-py is not installed: {install_hint('test')}")
         self.command = [str(binary), "--storage-path", str(folder), "--enable-test-commands"]
         # Every commit reaches the disk, as journaled majority writes do on mongod: a killed
         # server keeps what it acknowledged.

@@ -5,9 +5,13 @@
 const REFRESH_MS = 5000;
 const OUTCOMES = ["sent", "failed", "expired", "unknown", "cancelled"];
 const SVG = "http://www.w3.org/2000/svg";
+const WINDOWS = { "1h": "last hour", "24h": "last 24 hours" };
+const MIN_CHART_MINUTES = 15;  // the chart spans its data, but never fewer minutes than this
 let csrf = "";
 let filter = new URLSearchParams();
+let activityWindow = "1h";
 let timer = null;
+let asked = 0;  // refreshes started: only the latest one's answer is drawn
 
 function el(tag, props, ...children) {
   const node = document.createElement(tag);
@@ -25,21 +29,41 @@ function text(value) {
   return value === null || value === undefined || value === "" ? "-" : String(value);
 }
 
+// A span of seconds in whole units, rounded down: under 120 s in s, under 120 min in min,
+// under 48 h in h, then in days ("5 days"). `poller status` words spans the same way.
+function span(seconds) {
+  const s = Math.abs(seconds);
+  if (s < 120) return `${Math.floor(s)} s`;
+  if (s < 7200) return `${Math.floor(s / 60)} min`;
+  if (s < 172800) return `${Math.floor(s / 3600)} h`;
+  return `${Math.floor(s / 86400)} days`;
+}
+
+// "10:15:02 UTC" (or "10:15 UTC" without seconds): UTC, 24-hour, as every time on the page.
+function utc(at, seconds = true) {
+  return `${at.toISOString().slice(11, seconds ? 19 : 16)} UTC`;
+}
+
 function when(iso, now) {
   if (!iso) return "-";
   const at = new Date(iso);
   if (Number.isNaN(at.getTime())) return text(iso);  // not a date: shown as it is
   const ahead = (at - new Date(now)) / 1000;
-  const span = Math.abs(ahead);
-  const rel = span < 120 ? `${Math.round(span)} s` : span < 7200 ? `${Math.round(span / 60)} min` : `${(span / 3600).toFixed(1)} h`;
-  return `${at.toISOString().slice(0, 19).replace("T", " ")} UTC (${ahead >= 0 ? "in " + rel : rel + " ago"})`;
+  return `${at.toISOString().slice(0, 19).replace("T", " ")} UTC (${ahead >= 0 ? "in " + span(ahead) : span(ahead) + " ago"})`;
 }
 
+// Each cell carries its column's name (data-label): on a phone's screen a row shows as a card
+// of "name: value" lines (app.css).
 function table(section, head, rows) {
   const node = document.querySelector(`#${section} table`);
+  const cell = (c, i) => {
+    const td = c instanceof Node ? el("td", {}, c) : el("td", { text: text(c) });
+    td.dataset.label = head[i];
+    return td;
+  };
   node.replaceChildren(
     el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))),
-    el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map((c) => (c instanceof Node ? el("td", {}, c) : el("td", { text: text(c) })))))),
+    el("tbody", {}, ...rows.map((cells) => el("tr", {}, ...cells.map(cell)))),
   );
 }
 
@@ -72,16 +96,20 @@ function drawServers(data) {
 function drawSessions(data) {
   show("sessions", data.sessions.length > 0);
   const where = {};
-  for (const s of data.servers) for (const x of s.sessions || []) if (x.status === "WORKING") where[x.name] = s.name;
+  // The server that lists the session, whatever its status (a WORKING one first).
+  for (const s of data.servers) {
+    for (const x of s.sessions || []) if (!(x.name in where) || x.status === "WORKING") where[x.name] = s.name;
+  }
   table("sessions", ["session", "server", "waiting", "next planned send", "sent today", "not sending because"], data.sessions.map((s) => [
-    s.session, where[s.session], s.waiting, when(s.nextPlannedAt, data.now),
+    s.session, where[s.session], s.paused ? `${s.waiting} (${s.paused} paused)` : s.waiting, when(s.nextPlannedAt, data.now),
     s.dailyCap === null ? s.sentToday : `${s.sentToday} of ${s.dailyCap}`, s.notSending,
   ]));
 }
 
 function act(campaign, action) {
-  return async () => {
+  return async (event) => {
     if (action === "cancel" && !window.confirm("Cancel this campaign? Its unsent messages end cancelled.")) return;
+    event.currentTarget.disabled = true;  // once: the picture drawn next has the campaign's new buttons
     const response = await fetch(`/api/campaigns/${encodeURIComponent(campaign)}/${action}`, {
       method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf },
     });
@@ -115,7 +143,8 @@ function drawCampaigns(data) {
       bar,
       el("div", { class: "muted counts", text:
         `${done} of ${total} done: sent ${stats.sent || 0}, failed ${stats.failed || 0}, expired ${stats.expired || 0}, ` +
-        `cancelled ${stats.cancelled || 0}; delivered ${stats.delivered || 0}, read ${stats.read || 0}; eta ${when(c.eta, data.now)}` }));
+        `cancelled ${stats.cancelled || 0}; delivered ${stats.delivered || 0}, read ${stats.read || 0}; ` +
+        (paused ? "paused: nothing goes out until it is resumed" : `eta ${when(c.eta, data.now)}`) }));
   }));
 }
 
@@ -128,7 +157,7 @@ function drawSchedules(data) {
 
 function drawNotSent(data) {
   const rows = data.notSent.map((m) => [
-    m.status, m.chatId, m.session, m.campaignId, when(m.finishedAt, data.now),
+    m.status, m.chatId, m.session, m.campaignName || m.campaignId, when(m.finishedAt, data.now),
     typeof m.content === "string" ? m.content.slice(0, 80) : "", m.lastError,
   ]);
   if (!rows.length) rows.push(["none", "", "", "", "", "", ""]);
@@ -137,51 +166,78 @@ function drawNotSent(data) {
 
 function drawChart(data) {
   const rows = data.perMinute || [];
-  show("chart", rows.length > 0);
-  if (!rows.length) return;
-  const end = Math.floor(new Date(data.now).getTime() / 60000);
-  const start = end - 24 * 60;
-  const series = Object.fromEntries(OUTCOMES.map((o) => [o, new Array(24 * 60 + 1).fill(0)]));
-  for (const row of rows) {
-    const minute = Math.floor(new Date(row.minute + ":00Z").getTime() / 60000);
-    if (series[row.status] && minute >= start && minute <= end) series[row.status][minute - start] += row.n;
+  show("chart", true);
+  for (const button of document.querySelectorAll("#chart .toggle button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.window === data.window));
   }
-  const top = Math.max(1, ...OUTCOMES.flatMap((o) => series[o]));
+  const named = WINDOWS[data.window] || data.window;
+  for (const node of document.querySelectorAll(".window")) node.textContent = `, ${named}`;
+  const figure = document.querySelector("#chart .figure");
+  const legend = document.querySelector("#chart .legend");
+  const axis = document.querySelector("#chart .axis");
+  if (!rows.length) {
+    figure.replaceChildren(el("p", { class: "muted", text: `No message ended in the ${named}.` }));
+    legend.replaceChildren();
+    axis.replaceChildren();
+    return;
+  }
+  // From the first minute with data (the window's start at the most) to the minute read.
+  const end = Math.floor(new Date(data.activityAt || data.now).getTime() / 60000);
+  const earliest = end - (data.window === "24h" ? 24 * 60 : 60);
+  const minutes = rows.map((row) => Math.floor(new Date(row.minute + ":00Z").getTime() / 60000));
+  const start = Math.max(earliest, Math.min(end - MIN_CHART_MINUTES, ...minutes));
+  const width = end - start;
+  const series = Object.fromEntries(OUTCOMES.map((o) => [o, new Array(width + 1).fill(0)]));
+  rows.forEach((row, i) => {
+    if (series[row.status] && minutes[i] >= start && minutes[i] <= end) series[row.status][minutes[i] - start] += row.n;
+  });
+  // One column a minute, its outcomes stacked.
+  const sums = series.sent.map((_, x) => OUTCOMES.reduce((n, o) => n + series[o][x], 0));
+  const top = Math.max(1, ...sums);
   const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("viewBox", `0 0 ${24 * 60} 100`);
+  svg.setAttribute("viewBox", `0 0 ${width + 1} 100`);
   svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", "messages per minute by outcome");
-  for (const outcome of OUTCOMES) {
-    const points = series[outcome].map((n, x) => `${x},${100 - (98 * n) / top}`).join(" ");
-    const line = document.createElementNS(SVG, "polyline");
-    line.setAttribute("points", points);
-    line.setAttribute("fill", "none");
-    line.setAttribute("class", `line-${outcome}`);
-    line.setAttribute("stroke", getComputedStyle(document.documentElement).getPropertyValue(`--${outcome}`).trim());
-    line.setAttribute("stroke-width", "1.5");
-    line.setAttribute("vector-effect", "non-scaling-stroke");
-    svg.append(line);
-  }
-  document.querySelector("#chart .figure").replaceChildren(svg);
+  sums.forEach((_, x) => {
+    let y = 100;
+    for (const outcome of OUTCOMES) {
+      const n = series[outcome][x];
+      if (!n) continue;
+      const height = (98 * n) / top;
+      y -= height;
+      const bar = document.createElementNS(SVG, "rect");
+      for (const [key, value] of Object.entries({ x: x + 0.1, y, width: 0.8, height, class: outcome })) bar.setAttribute(key, value);
+      svg.append(bar);
+    }
+  });
+  figure.replaceChildren(svg);
+  axis.replaceChildren(el("span", { text: utc(new Date(start * 60000), false) }), el("span", { text: `${utc(new Date(end * 60000), false)} (read every minute)` }));
   const totals = OUTCOMES.map((o) => [o, series[o].reduce((a, b) => a + b, 0)]);
-  document.querySelector("#chart .legend").replaceChildren(
+  legend.replaceChildren(
     ...totals.map(([o, n]) => el("span", {}, el("i", { class: o }), `${o} ${n}`)),
     el("span", { class: "muted", text: `peak ${top}/min` }));
 }
 
-function drawLateness(data) {
-  const buckets = data.lateness || [];
+// "0–1 s", "60 s–2 min", "6 h or more": a bucket from `from` up to the next one's.
+function bucket(from, next) {
+  if (next === undefined) return `${span(from)} or more`;
+  const [a, b] = [span(from), span(next)];
+  const unit = (x) => x.split(" ")[1];
+  return unit(a) === unit(b) ? `${a.split(" ")[0]}–${b}` : `${a}–${b}`;
+}
+
+function drawBars(section, buckets) {
+  buckets = buckets || [];
   const total = buckets.reduce((n, b) => n + b.n, 0);
-  show("lateness", total > 0);
+  show(section, total > 0);
   if (!total) return;
   const top = Math.max(...buckets.map((b) => b.n));
-  document.querySelector("#lateness .bars").replaceChildren(...buckets.map((b, i) => {
-    const next = buckets[i + 1];
-    const label = next ? `${b.from}–${next.from} s` : `${b.from} s or more`;
+  document.querySelector(`#${section} .bars`).replaceChildren(...buckets.map((b, i) => {
     const bar = el("span", { class: "bar" });
     bar.style.width = `${(60 * b.n) / top}%`;
-    return el("div", { class: "row" }, el("span", { class: "label", text: label }), bar, el("span", { text: String(b.n) }));
+    const next = buckets[i + 1];
+    return el("div", { class: "row" }, el("span", { class: "label", text: bucket(b.from, next && next.from) }), bar, el("span", { text: String(b.n) }));
   }));
 }
 
@@ -194,13 +250,18 @@ function problem(message) {
 async function refresh() {
   clearTimeout(timer);
   timer = setTimeout(refresh, REFRESH_MS);
-  let response;
+  const mine = ++asked;
+  const query = new URLSearchParams(filter);
+  query.set("window", activityWindow);
+  let response, data;
   try {
-    response = await fetch(`/api/status?${filter}`, { credentials: "same-origin" });
+    response = await fetch(`/api/status?${query}`, { credentials: "same-origin" });
+    data = response.ok ? await response.json() : null;
   } catch (error) {
-    problem("The poller does not answer.");
+    if (mine === asked) problem("The poller does not answer.");
     return;
   }
+  if (mine !== asked) return;  // a later refresh (after an action, say) was asked: its picture wins
   if (response.status === 401) {
     window.location.reload();  // logged out, or the token changed: back to the log-in form
     return;
@@ -209,7 +270,6 @@ async function refresh() {
     problem(`The poller answered ${response.status}.`);
     return;
   }
-  const data = await response.json();
   csrf = data.csrf;
   problem("");
   drawPollers(data);
@@ -219,9 +279,17 @@ async function refresh() {
   drawCampaigns(data);
   drawSchedules(data);
   drawChart(data);
-  drawLateness(data);
+  drawBars("lateness", data.lateness);
+  drawBars("pacing", data.pacingDelay);
   drawNotSent(data);
-  document.getElementById("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  document.getElementById("updated").textContent = `updated ${utc(new Date(data.now))}`;
+}
+
+for (const button of document.querySelectorAll("#chart .toggle button")) {
+  button.addEventListener("click", () => {
+    activityWindow = button.dataset.window;
+    refresh();
+  });
 }
 
 document.getElementById("filter").addEventListener("submit", (event) => {
