@@ -1,4 +1,5 @@
-"""Command line: `poller run`, `poller once`, `poller check`, `poller status`, `poller demo`.
+"""Command line: `poller run`, `poller once`, `poller check`, `poller status`, `poller send`,
+`poller import`, `poller demo`.
 
 Exit codes: 0 done, 1 MongoDB unreachable or WAHA refused the key, 2 bad configuration.
 """
@@ -12,7 +13,7 @@ import sys
 from dotenv import find_dotenv, load_dotenv
 from loguru import logger
 
-from poller import __version__, log
+from poller import __version__, log, submit
 from poller.settings import ConfigError, Settings
 
 CONFIG_HELP = """\
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             which.add_argument("--local", action="store_true", help="only pollers on this host")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+    submit.add_arguments(commands)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     for warning in settings.warnings:  # a misspelt name, a WAHA URL ending in /api
         logger.warning(warning)
 
+    if args.command == "send":
+        return submit.send(settings, args)
+    if args.command == "import":
+        return submit.import_campaign(settings, args)
     if args.command in ("check", "status"):
         from poller import status
 

@@ -19,6 +19,7 @@ from loguru import logger
 from poller.context import Context, daily_cap
 from poller.contract import FAILED, addressee, done, session_name, show
 from poller.counts import TickCounts
+from poller.pacing import Pacing
 from poller.plan import Slots, allowed
 from poller.servers import server_key
 from poller.store import Doc
@@ -104,14 +105,31 @@ def _slot(
     An urgent message (a priority above 0) takes no slot: it goes at the lane's next turn.
     With what moved it later, if anything."""
     due = _due(doc, now) if not resumed else now
-    if rank > URGENT:
-        return allowed(t.pacing, max(due, now), None)
-    if not paced(t, lane):
-        return allowed(t.pacing, due, None)
-    if lane not in slots:
+    if lane not in slots and rank <= URGENT and paced(t, lane):
         slots[lane] = t.store.turns.slots(lane_docs.get(lane), now, _day(t, now))
-    at = slots[lane].take(t.pacing, _cap(t, lane), _text(doc), lane)
-    return at, slots[lane].why
+    return slot(t.pacing, _cap(t, lane), slots.get(lane), lane, due, now, rank, _text(doc))
+
+
+def slot(
+    pacing: Pacing,
+    cap: int | None,
+    slots: Slots | None,
+    lane: str,
+    due: datetime,
+    now: datetime,
+    rank: float,
+    text: str,
+) -> tuple[datetime, str | None]:
+    """The planned time of a message due at `due`, first seen `now`, with priority `rank`:
+    the lane's next free slot from `slots` when its sends are paced or capped (None: they are
+    not), else when it is due, after the quiet hours. An urgent message (a priority above 0)
+    takes no slot. With what moved it later, if anything. The one rule of a plan: the tick
+    and a campaign's dry run (poller/campaign_import.py) both use it."""
+    if rank > URGENT:
+        return allowed(pacing, max(due, now), None)
+    if slots is None:
+        return allowed(pacing, due, None)
+    return slots.take(pacing, cap, text, lane), slots.why
 
 
 def replan(t: Context, lane: str, start: datetime, reason: str | None = None) -> int:

@@ -130,9 +130,11 @@ class Metrics:
                 return dashboard(environ, start_response)
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        # waitress refuses a longer body before reading it; the receiver keeps its own check.
+        # waitress refuses a longer body before reading it; the receiver and the dashboard keep
+        # their own checks. The dashboard's API takes large bodies on its routes only.
         max_body = max(receiver.max_bytes if receiver is not None else 0, web.BODY_BYTES)
-        return web.serve(app, host, port, max_body)
+        large = web.API_BODY_BYTES if dashboard is not None else 0
+        return web.serve(app, host, port, max_body, large)
 
 
 class _EventCounts:

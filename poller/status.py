@@ -225,7 +225,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         sessions.add_row(
             row["session"],
             f"{row['waiting']} ({row['paused']} paused)" if row["paused"] else str(row["waiting"]),
-            _when(row["nextPlannedAt"], now),
+            when(row["nextPlannedAt"], now),
             f"{row['sentToday']} of {cap}" if cap is not None else str(row["sentToday"]),
             row["notSending"] or "-",
         )
@@ -251,7 +251,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
             str(stats.get("sent", 0)),
             str(stats.get("failed", 0) + stats.get("expired", 0)),
             f"{total}{progress}",
-            _when(campaign.get("eta"), now),
+            when(campaign.get("eta"), now),
         )
     if not overview["campaigns"]:
         campaigns.add_row("none", "", "", "", "", "")
@@ -261,7 +261,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
         optouts = _table("Latest opt-outs", "session", "chat", "since")
         for row in overview["optouts"]:
             optouts.add_row(
-                str(row.get("session")), str(row.get("chatId")), _when(row.get("at"), now)
+                str(row.get("session")), str(row.get("chatId")), when(row.get("at"), now)
             )
         console.print(optouts)
 
@@ -271,7 +271,7 @@ def _render(overview: dict[str, Any], now: datetime) -> None:
             str(row["name"]),
             str(row["cron"]),
             str(row["timezone"]),
-            _when(row["nextOccurrenceAt"], now),
+            when(row["nextOccurrenceAt"], now),
             row["lastError"] or "-",
         )
     if not overview["schedules"]:
@@ -305,7 +305,7 @@ def _table(title: str, *columns: str) -> Table:
     return table
 
 
-def _when(at: Any, now: datetime) -> str:
+def when(at: Any, now: datetime) -> str:
     """A time as an operator reads it: UTC, and how far from now."""
     if not isinstance(at, datetime):
         return "-"

@@ -8,6 +8,7 @@ and one that goes quiet, or takes too long to send its request, is closed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
@@ -42,6 +44,10 @@ HEADER_BYTES = 16 * 1024
 # A request's body, at most, unless the caller allows more (WAHA's events): 413 beyond, decided
 # from Content-Length before any of the body is read. The dashboard's log-in form is tiny.
 BODY_BYTES = 64 * 1024
+# The dashboard's API takes a campaign's CSV in one body (tens of thousands of rows): the body
+# of these routes only may reach this, when the caller allows it (the dashboard is on).
+API_BODY_BYTES = 5 * 1024 * 1024
+LARGE_BODIES = ("/api/messages", "/api/campaigns")
 
 # One warning per request while all workers are busy ("Task queue depth is 3"): noise under
 # load. waitress's other warnings (the connection limit reached, an app error) reach loguru
@@ -75,9 +81,12 @@ class Server:
         wasyncore.close_all(self._map)
 
 
-def serve(app: WsgiApp, host: str, port: int, max_body: int = BODY_BYTES) -> Server:
+def serve(
+    app: WsgiApp, host: str, port: int, max_body: int = BODY_BYTES, large_body: int = 0
+) -> Server:
     """Serve `app` on `host`:`port` (every address the host name has) from a daemon thread.
-    Raises OSError when an address cannot be bound."""
+    Bodies up to `max_body`, and up to `large_body` on the LARGE_BODIES routes when it is
+    larger. Raises OSError when an address cannot be bound."""
     adj = Adjustments(
         host=host,
         port=port,
@@ -86,12 +95,15 @@ def serve(app: WsgiApp, host: str, port: int, max_body: int = BODY_BYTES) -> Ser
         channel_timeout=IDLE_SECONDS,
         cleanup_interval=CLEANUP_SECONDS,
         max_request_header_size=HEADER_BYTES,
-        max_request_body_size=max_body + 1,  # waitress refuses a body of max_request_body_size
+        # waitress refuses a body of max_request_body_size
+        max_request_body_size=max(max_body, large_body) + 1,
         # X-Forwarded-Proto reaches the dashboard, which marks its cookie Secure behind TLS.
         clear_untrusted_proxy_headers=False,
         log_socket_errors=False,  # a client that resets its connection is not news
         ident="poller",
     )
+    adj.elsewhere = copy.copy(adj)  # the limits of every route but LARGE_BODIES (_Parser)
+    adj.elsewhere.max_request_body_size = max_body + 1
     dispatcher = ThreadedTaskDispatcher()  # its threads start once every address is bound
     sockets: dict[int, Any] = {}
     try:
@@ -106,9 +118,23 @@ def serve(app: WsgiApp, host: str, port: int, max_body: int = BODY_BYTES) -> Ser
     return Server(sockets, listeners, dispatcher)
 
 
-class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress has no type hints
+class _Parser(HTTPRequestParser):  # type: ignore[misc]  # waitress has no type hints
+    """waitress's request parser, which holds a body to the larger limit on the LARGE_BODIES
+    routes only: it reads the limit once the request line is parsed, and before any of the
+    body."""
+
+    adj: Any
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if self.path not in LARGE_BODIES:
+            self.adj = self.adj.elsewhere
+
+
+class _Channel(HTTPChannel):  # type: ignore[misc]
     """A connection that notes when the request it is receiving began."""
 
+    parser_class = _Parser
     request_began = 0.0
 
     def received(self, data: bytes) -> bool:

@@ -41,6 +41,8 @@ from poller.settings import Settings
 from poller.store import Store
 from poller.testing.mongo import free_port
 from poller.testing.waha import WahaSimulator
+from poller.tick import tick
+from poller.waha import WahaClient
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where test_screenshots_of_one_moment saves its pictures: README's are updated with
@@ -654,6 +656,75 @@ def test_lateness_counts_from_the_planned_time_and_pacing_from_the_scheduled_one
         ("2–6 h", "0"),
         ("6 h or more", "1"),
     ]
+
+
+def test_a_test_message_shows_its_progress_until_it_is_sent(
+    page: Any, served: str, store: Store, client: WahaClient, waha: WahaSimulator
+) -> None:
+    log_in(page, served)
+    page.get_by_text("Send a test message").click()
+    form = page.locator("#send-form")
+    form.locator("input[name=to]").fill("12")
+    form.locator("textarea[name=text]").fill("Hello from the dashboard")
+    form.get_by_role("button", name="Send").click()
+    page.locator("#send .problems li", has_text="to: '12' is not a phone number").wait_for()
+    assert store.messages.collection.count_documents({}) == 0
+
+    form.locator("input[name=to]").fill("+44 7700 900123")
+    form.get_by_role("button", name="Send").click()
+    result = page.locator("#send .result")
+    result.get_by_text("waiting for a poller to see it").wait_for()
+    assert page.locator("#send .problems").is_hidden()
+    tick(store, client, 20)  # a poller's tick: the page shows the send
+    page.locator("#send .result[data-status=sent]").wait_for()
+    assert re.fullmatch(
+        r"Message [0-9a-f]{24}: sent \d{4}-.* UTC \(\d+ s ago\)", result.inner_text()
+    )
+    assert [(m.chat_id, m.text) for m in waha.sent] == [
+        ("447700900123@c.us", "Hello from the dashboard")
+    ]
+
+
+def test_a_campaign_from_a_csv_file_is_previewed_then_confirmed(
+    page: Any, served: str, settings: Settings, store: Store, client: WahaClient
+) -> None:
+    campaigns = store.messages.collection.database[settings.campaigns_collection]
+    log_in(page, served)
+    page.get_by_text("New campaign from CSV").click()
+    form = page.locator("#import-form")
+    bad = b"phone,name\n447700900001,Ann\nnot a number,Bob\n"
+    form.locator("input[type=file]").set_input_files(
+        files=[{"name": "spring.csv", "mimeType": "text/csv", "buffer": bad}]
+    )
+    form.locator("input[name=name]").fill("Spring <b>sale</b>")
+    form.locator("textarea[name=text]").fill("Hi {name}, 20% off this week")
+    form.get_by_role("button", name="Preview").click()
+    page.locator("#import .problems li", has_text="row 3: 'not a number'").wait_for()
+    assert page.locator("#import .preview").is_hidden()
+
+    good = b"phone,name\n447700900001,Ann\n447700900002,Bob\n"
+    form.locator("input[type=file]").set_input_files(
+        files=[{"name": "spring.csv", "mimeType": "text/csv", "buffer": good}]
+    )
+    form.get_by_role("button", name="Preview").click()
+    preview = page.locator("#import .preview")
+    preview.get_by_text("2 messages for campaign “Spring <b>sale</b>”").wait_for()
+    assert preview.locator("td[data-label=session]").inner_text() == "default"
+    assert preview.locator("td[data-label=messages]").inner_text() == "2"
+    assert page.locator("#import .problems").is_hidden()
+    assert campaigns.count_documents({}) == 0, "a preview writes nothing"
+    assert store.messages.collection.count_documents({}) == 0
+
+    preview.get_by_role("button", name="Confirm").click()
+    page.locator("#import .result", has_text="written: 2 of its 2 messages new").wait_for()
+    assert preview.is_hidden()
+    assert campaigns.count_documents({"name": "Spring <b>sale</b>"}) == 1
+    texts = sorted(d["content"] for d in store.messages.collection.find())
+    assert texts == ["Hi Ann, 20% off this week", "Hi Bob, 20% off this week"]
+    # Once a poller has seen its messages (one sent, the next held by pacing), it is running.
+    tick(store, client, 20, pacing=Pacing(600, 600))
+    page.locator(".campaign", has_text="Spring <b>sale</b>").wait_for()
+    assert page.locator(".campaign b").count() == 0
 
 
 def test_screenshots_of_one_moment(

@@ -1,5 +1,6 @@
-"""The web dashboard (DASHBOARD_TOKEN): one page, its JSON API and the campaign actions, as a WSGI
-app served beside /metrics. Werkzeug parses the requests and routes them.
+"""The web dashboard (DASHBOARD_TOKEN): one page, its JSON API, the campaign actions and the API
+that schedules messages and campaigns (api.py), as a WSGI app served beside /metrics. Werkzeug
+parses the requests and routes them.
 
 Every response but the log-in form and its style sheet needs the secret: a session cookie that
 the log-in sets, or `Authorization: Bearer <DASHBOARD_TOKEN>` for scripts. Actions are POSTs,
@@ -19,12 +20,20 @@ from typing import Any
 
 from loguru import logger
 from pymongo.errors import PyMongoError
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, TooManyRequests
+from werkzeug.exceptions import (
+    HTTPException,
+    MethodNotAllowed,
+    NotFound,
+    RequestEntityTooLarge,
+    TooManyRequests,
+)
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from poller import status
+from poller import status, web
+from poller.dashboard.api import Api
 from poller.dashboard.auth import Auth
+from poller.dashboard.openapi import SPEC
 from poller.pacing import Pacing
 from poller.store import Store
 
@@ -62,6 +71,7 @@ class Dashboard:
         self.store, self.pacing = store, pacing
         self.clock = clock or (lambda: datetime.now(UTC))
         self.auth = Auth(token, self.clock)
+        self.api = Api(store, pacing, self.clock)
         self._lock = threading.Lock()
         self._cached: tuple[float, dict[str, Any]] | None = None
         self._activity: dict[str, tuple[float, dict[str, Any]]] = {}  # by window
@@ -74,6 +84,11 @@ class Dashboard:
                 Rule("/static/<name>", endpoint="static", methods=["GET"]),
                 Rule("/favicon.ico", endpoint="icon", methods=["GET"]),
                 Rule("/api/status", endpoint="api_status", methods=["GET"]),
+                Rule("/api/openapi.json", endpoint="openapi", methods=["GET"]),
+                Rule("/api/messages", endpoint="schedule", methods=["POST"]),
+                Rule("/api/campaigns", endpoint="schedule", methods=["POST"]),
+                Rule("/api/messages/<message>", endpoint="message", methods=["GET"]),
+                Rule("/api/messages/<message>/cancel", endpoint="cancel", methods=["POST"]),
                 Rule(
                     "/api/campaigns/<campaign>/<any(pause, resume, cancel):action>",
                     endpoint="action",
@@ -86,11 +101,18 @@ class Dashboard:
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
         request = Request(environ)
+        # The server holds bodies to these limits too (poller.web); a check of its own here.
+        large = request.path in web.LARGE_BODIES
+        request.max_content_length = web.API_BODY_BYTES if large else web.BODY_BYTES
         try:
             endpoint, args = self.urls.bind_to_environ(environ).match()
             response = getattr(self, f"_{endpoint}")(request, **args)
         except (NotFound, MethodNotAllowed) as exc:
             response = _json({"error": exc.name}, exc.code or 404)
+        except RequestEntityTooLarge:
+            limit = request.max_content_length or 0
+            size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit // 1024} KiB"
+            response = _json({"error": f"the body is over {size}"}, 413)
         except TooManyRequests as exc:  # a wrong bearer token too often: not even compared
             response = _json({"error": "too many failed log-ins: try again later"}, 429)
             response.headers["Retry-After"] = str(exc.retry_after)
@@ -161,17 +183,55 @@ class Dashboard:
         return Response(status.to_json(picture), content_type="application/json")
 
     def _action(self, request: Request, campaign: str, action: str) -> Response:
+        refused = self._refused(request, acting=True)
+        if refused is not None:
+            return refused
+        if not self.store.campaigns.control(campaign, ACTIONS[action], self.clock()):
+            return _json({"error": "no such open campaign"}, 404)
+        self._changed()
+        logger.info("dashboard: campaign {!r} set to {}", campaign[:100], ACTIONS[action])
+        return _json({"campaign": campaign, "status": ACTIONS[action]}, 200)
+
+    def _openapi(self, request: Request) -> Response:
+        refused = self._refused(request)
+        return _json(SPEC, 200) if refused is None else refused
+
+    def _schedule(self, request: Request) -> Response:
+        refused = self._refused(request, acting=True)
+        if refused is not None:
+            return refused
+        response = self.api.post(request)
+        if response.status_code < 300:
+            self._changed()
+        return response
+
+    def _message(self, request: Request, message: str) -> Response:
+        refused = self._refused(request)
+        return self.api.message(message) if refused is None else refused
+
+    def _cancel(self, request: Request, message: str) -> Response:
+        refused = self._refused(request, acting=True)
+        if refused is not None:
+            return refused
+        response = self.api.cancel(message)
+        if response.status_code < 300:
+            self._changed()
+        return response
+
+    def _refused(self, request: Request, acting: bool = False) -> Response | None:
+        """The answer to a request that may not do this (not logged in; for a POST, not this
+        site's page with its CSRF token), or None."""
         session = self.auth.session(request)
         if session is None:
             return _json({"error": "log in first"}, 401)
-        if not self.auth.may_act(request, session):
+        if acting and not self.auth.may_act(request, session):
             return _json({"error": "cross-site request refused"}, 403)
-        if not self.store.campaigns.control(campaign, ACTIONS[action], self.clock()):
-            return _json({"error": "no such open campaign"}, 404)
+        return None
+
+    def _changed(self) -> None:
+        """Something was written: the next picture is read afresh."""
         with self._lock:
-            self._cached = None  # the next picture shows it
-        logger.info("dashboard: campaign {!r} set to {}", campaign[:100], ACTIONS[action])
-        return _json({"campaign": campaign, "status": ACTIONS[action]}, 200)
+            self._cached = None
 
     def _overview(self, window: str) -> dict[str, Any]:
         """`poller status --json`'s picture, with the activity of the `window`; read from the

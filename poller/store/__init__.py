@@ -13,6 +13,7 @@ collection's queries and indexes.
     store.definitions the web app's recurring schedules, and when each occurs next
     store.optouts     chats that asked a session to stop sending to them
     store.heartbeats  one document per live poller
+    store.requests    the HTTP API's idempotency keys, and the answers they got
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from poller.store.messages import Messages
 from poller.store.optouts import Optouts
 from poller.store.plans import Plans
 from poller.store.receipts import Receipts
+from poller.store.requests import COLLECTION as REQUESTS_COLLECTION
+from poller.store.requests import Requests
 from poller.store.sessions import Sessions
 from poller.store.turns import BUSY, CAPPED, TAKEN, Turns
 from poller.timings import Timings
@@ -60,6 +63,7 @@ class Store:
         self.activity = Activity(
             db[settings.messages_collection], db[settings.campaigns_collection]
         )
+        self.requests = Requests(db[REQUESTS_COLLECTION])
 
     @classmethod
     def connect(cls, settings: Settings) -> Store:
@@ -93,6 +97,7 @@ class Store:
         self.campaigns.ensure_indexes()
         self.heartbeats.ensure_indexes()
         self.optouts.ensure_indexes()
+        self.requests.ensure_indexes()
 
 
 def _uri_sets(uri: str, option: str) -> bool:

@@ -1,5 +1,6 @@
 // The dashboard: asks /api/status every 5 s and draws it. Every value from the database goes
-// into the page as text (textContent, attributes): never as HTML.
+// into the page as text (textContent, attributes): never as HTML. Its two forms post to the API
+// (a test message, a campaign from a CSV file) with the page's CSRF token.
 "use strict";
 
 const REFRESH_MS = 5000;
@@ -7,11 +8,14 @@ const OUTCOMES = ["sent", "failed", "expired", "unknown", "cancelled"];
 const SVG = "http://www.w3.org/2000/svg";
 const WINDOWS = { "1h": "last hour", "24h": "last 24 hours" };
 const MIN_CHART_MINUTES = 15;  // the chart spans its data, but never fewer minutes than this
+const FOLLOW_MS = 1500;  // a test message is asked about this often until it has ended
 let csrf = "";
 let filter = new URLSearchParams();
 let activityWindow = "1h";
 let timer = null;
 let asked = 0;  // refreshes started: only the latest one's answer is drawn
+let followed = null;  // the id of the test message whose progress is shown
+let previewed = null;  // the campaign the preview shows: Confirm posts it as it was previewed
 
 function el(tag, props, ...children) {
   const node = document.createElement(tag);
@@ -282,8 +286,184 @@ async function refresh() {
   drawBars("lateness", data.lateness);
   drawBars("pacing", data.pacingDelay);
   drawNotSent(data);
+  drawSessionNames(data);
   document.getElementById("updated").textContent = `updated ${utc(new Date(data.now))}`;
 }
+
+// The sessions the forms offer: those the poller knows of, and those WAHA lists.
+function drawSessionNames(data) {
+  const names = new Set(data.sessions.map((s) => s.session));
+  for (const server of data.servers) for (const s of server.sessions || []) names.add(s.name);
+  document.getElementById("session-names").replaceChildren(...[...names].sort().map((name) => el("option", { value: name })));
+}
+
+// -- the forms: a test message, a campaign from a CSV file ----------------------------------------
+
+async function post(path, body) {
+  const response = await fetch(path, {
+    method: "POST", credentials: "same-origin",
+    headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(body),
+  });
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (error) {
+    data = null;  // not JSON: the server's own refusal (a body too large, say)
+  }
+  return { response, data };
+}
+
+// What came back in `section`: a line of result, or the problems of a refused request, one a line.
+function answered(section, line, problems) {
+  const result = document.querySelector(`#${section} .result`);
+  const list = document.querySelector(`#${section} .problems`);
+  result.textContent = line || "";
+  result.hidden = !line;
+  const shown = (problems || []).slice(0, 100);
+  if (problems && problems.length > shown.length) shown.push(`and ${problems.length - shown.length} more`);
+  list.replaceChildren(...shown.map((p) => el("li", { text: p })));
+  list.hidden = !shown.length;
+}
+
+function refusal(response, data) {
+  if (data && Array.isArray(data.problems)) return data.problems;
+  if (data && data.error) return [data.error];
+  if (response.status === 413) return ["Too large for the poller (413): send fewer rows at a time."];
+  return [`The poller answered ${response.status}.`];
+}
+
+// A message's progress in words: waiting, planned, being sent, sent, or how it ended and why.
+function progress(m) {
+  const now = new Date().toISOString();
+  const why = m.lastError ? ` (${m.lastError})` : "";
+  if (m.status === "waiting") return `waiting for a poller to see it, due ${when(m.scheduledAt, now)}${why}`;
+  if (m.status === "planned") return `planned for ${when(m.plannedAt, now)}${why}`;
+  if (m.status === "claimed" || m.status === "sending") return "being sent…";
+  if (m.status === "sent") return `sent ${when(m.sentAt, now)}`;
+  if (m.status === "done") return "not sent by the poller: the web app marked it done";
+  return `${m.status}${why}`;
+}
+
+function showProgress(m) {
+  answered("send", `Message ${m.id}: ${progress(m)}`);
+  document.querySelector("#send .result").dataset.status = m.status;
+}
+
+async function follow(id) {
+  followed = id;
+  while (followed === id) {
+    await new Promise((resolve) => setTimeout(resolve, FOLLOW_MS));
+    let response;
+    try {
+      response = await fetch(`/api/messages/${encodeURIComponent(id)}`, { credentials: "same-origin" });
+    } catch (error) {
+      continue;  // the poller does not answer: ask again
+    }
+    if (followed !== id) return;
+    if (response.status === 401) window.location.reload();
+    if (!response.ok) continue;
+    const m = await response.json();
+    showProgress(m);
+    if (m.final) {
+      followed = null;
+      refresh();
+    }
+  }
+}
+
+async function sendTest(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const fields = new FormData(form);
+  const button = form.querySelector("button");
+  button.disabled = true;
+  followed = null;
+  try {
+    const body = { to: fields.get("to").trim(), session: fields.get("session").trim(), text: fields.get("text") };
+    const { response, data } = await post("/api/messages", body);
+    if (response.status !== 201) {
+      answered("send", "Not sent:", refusal(response, data));
+      return;
+    }
+    showProgress(data.messages[0]);
+    follow(data.ids[0]);
+  } catch (error) {
+    answered("send", "The poller does not answer.");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function drawPreview(data) {
+  const plan = data.preview;
+  const node = document.querySelector("#import .preview");
+  const now = new Date().toISOString();
+  node.querySelector(".summary").textContent = `${plan.messages} messages for campaign “${data.name}”; ` +
+    (plan.eta ? `the last goes out ${when(plan.eta, now)}.` : "none can be planned now.");
+  table("import", ["session", "messages", "first send", "last send", "not sending because"],
+    Object.entries(plan.sessions).map(([name, s]) => [name, s.messages, when(s.first, now), when(s.last, now), s.notSending]));
+  node.hidden = false;
+}
+
+function forgetPreview() {
+  previewed = null;
+  document.querySelector("#import .preview").hidden = true;
+}
+
+async function previewCampaign(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const fields = new FormData(form);
+  const button = form.querySelector("button");
+  forgetPreview();
+  button.disabled = true;
+  try {
+    const file = form.elements.file.files[0];
+    const body = { name: fields.get("name").trim(), text: fields.get("text"), session: fields.get("session").trim(), csv: await file.text() };
+    if (fields.get("at")) body.at = new Date(fields.get("at")).toISOString();  // the browser's local time
+    const { response, data } = await post("/api/campaigns", { ...body, dryRun: true });
+    if (response.status !== 200) {
+      answered("import", "Nothing was written:", refusal(response, data));
+      return;
+    }
+    answered("import", "");
+    previewed = body;
+    drawPreview(data);
+  } catch (error) {
+    answered("import", "The poller does not answer.");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function confirmCampaign(event) {
+  const button = event.currentTarget;
+  if (!previewed) return;
+  button.disabled = true;
+  try {
+    const { response, data } = await post("/api/campaigns", { ...previewed, dryRun: false });
+    if (response.status !== 201) {
+      answered("import", "Nothing was written:", refusal(response, data));
+      return;
+    }
+    forgetPreview();
+    answered("import", data.new || data.written
+      ? `Campaign “${data.name}” written: ${data.written} of its ${data.messages} messages new. It shows under Running campaigns once a poller has seen its messages.`
+      : `Campaign “${data.name}” was written before, with these messages: nothing new.`);
+    refresh();
+  } catch (error) {
+    answered("import", "The poller does not answer.");
+  } finally {
+    button.disabled = false;
+  }
+}
+
+document.getElementById("send-form").addEventListener("submit", sendTest);
+const importForm = document.getElementById("import-form");
+importForm.addEventListener("submit", previewCampaign);
+importForm.addEventListener("input", forgetPreview);  // what was previewed is no longer what the form says
+importForm.addEventListener("change", forgetPreview);
+document.querySelector("#import .confirm").addEventListener("click", confirmCampaign);
 
 for (const button of document.querySelectorAll("#chart .toggle button")) {
   button.addEventListener("click", () => {
