@@ -300,6 +300,8 @@ function drawSessionNames(data) {
 // -- the forms: a test message, a campaign from a CSV file ----------------------------------------
 
 async function post(path, body) {
+  // The CSRF token comes with the page's first picture: a form sent before it came waits for it.
+  if (!csrf) await refresh();
   const response = await fetch(path, {
     method: "POST", credentials: "same-origin",
     headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(body),
