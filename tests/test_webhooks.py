@@ -396,3 +396,26 @@ def test_a_secret_with_an_unexpanded_command_is_refused(name: str, value: str) -
 def test_a_mongodb_password_with_an_unexpanded_command_is_refused() -> None:
     with pytest.raises(ConfigError, match="MONGODB_URI's password"):
         Settings.from_env({"MONGODB_URI": "mongodb://u:$(cat%20pw)@localhost/db"})
+
+
+def test_an_optout_mongodb_refuses_to_normalise_does_not_stop_the_tick(
+    store: Store, client: WahaClient, waha: WahaSimulator
+) -> None:
+    store.optouts.collection.insert_many(
+        [
+            {"session": "default", "chatId": "+44 7700 900134", "locked": True},
+            {"session": "default", "chatId": "+44 7700 900135"},
+        ]
+    )
+    optouts = store.optouts.collection
+    refuses = {"$or": [{"locked": {"$ne": True}}, {"chatKey": {"$exists": False}}]}
+    optouts.database.command("collMod", optouts.name, validator=refuses)
+    now = utcnow()
+    store.messages.collection.insert_many(
+        [message(now, chat_id=f"44770090013{n}") for n in (4, 5, 6)]
+    )
+    try:
+        counts = tick(store, client, 20, now=now)
+    finally:
+        optouts.database.command("collMod", optouts.name, validator={})
+    assert counts.cancelled == 2 and [m.chat_id for m in waha.sent] == ["447700900136@c.us"]

@@ -18,9 +18,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from loguru import logger
 from pymongo import ReturnDocument, UpdateOne
 from pymongo.collection import Collection
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from poller.contract import normalise_chat_id
 from poller.store.base import Doc, create_index
@@ -109,9 +110,16 @@ class Optouts:
         return key
 
     def _normalise(self, fresh: list[tuple[Any, str]]) -> None:
-        if fresh:
-            named = [({"_id": i, "chatKey": None}, {"$set": {"chatKey": k}}) for i, k in fresh]
+        """Write `chatKey` on the web app's documents; one MongoDB refuses (a validator) is
+        read and normalised again at the next read, and the rest are written."""
+        if not fresh:
+            return
+        named = [({"_id": i, "chatKey": None}, {"$set": {"chatKey": k}}) for i, k in fresh]
+        try:
             self.collection.bulk_write([UpdateOne(*n) for n in named], ordered=False)
+        except BulkWriteError as exc:
+            refused = len(exc.details.get("writeErrors", []))
+            logger.warning("{} opt-out(s) could not be given a chatKey: {}", refused, exc)
 
     def since(self, at: datetime) -> int:
         return self.collection.count_documents({"at": {"$gte": at}, **ACTIVE})
