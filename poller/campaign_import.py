@@ -176,7 +176,7 @@ def preview(store: Store, pacing: Pacing, plan: Draft, now: datetime) -> Preview
         if isinstance(cap, str):
             found.sessions[session] = {"messages": 0, "notSending": cap}
             continue
-        if session not in slots and (pacing.paced or cap is not None):
+        if session not in slots and lanes.paces(pacing, cap):
             lane = store.turns.lane(session)
             slots[session] = store.turns.slots(lane, seen, pacing.day(seen).isoformat())
         at, _ = lanes.slot(

@@ -17,7 +17,7 @@ from typing import Any
 from loguru import logger
 
 from poller.context import Context, daily_cap
-from poller.contract import FAILED, addressee, done, session_name, show
+from poller.contract import FAILED, addressee, done, show
 from poller.counts import TickCounts
 from poller.pacing import Pacing
 from poller.plan import Slots, allowed
@@ -41,7 +41,12 @@ def priority(doc: Doc) -> float | str:
 
 def paced(t: Context, lane: str) -> bool:
     """Whether the lane's messages take slots (pacing, or a daily cap), or go when due."""
-    return t.pacing.paced or _cap(t, lane) is not None
+    return paces(t.pacing, _cap(t, lane))
+
+
+def paces(pacing: Pacing, cap: int | None) -> bool:
+    """Whether a session with this daily cap (None: none) plans its messages into slots."""
+    return pacing.paced or cap is not None
 
 
 def plan(
@@ -63,16 +68,15 @@ def plan(
     where = t.store.sessions.collection.name
     for doc in docs:
         rank = priority(doc)
-        problem = rank if isinstance(rank, str) else addressee(doc, names, where)
-        if isinstance(rank, str) or isinstance(problem, str):  # failed at once, no slot taken
-            reason = str(problem)
+        to = rank if isinstance(rank, str) else addressee(doc, names, where)
+        if isinstance(rank, str) or isinstance(to, str):  # failed at once, no slot taken
             unplanned = {"lane": None, **UNPICKED}
             counts.failed += t.store.messages.end(
-                [doc], unplanned, (FAILED, reason), now, counts.stats
+                [doc], unplanned, (FAILED, str(to)), now, counts.stats
             )
-            logger.warning("message {} failed: {}", doc["_id"], reason)
+            logger.warning("message {} failed: {}", doc["_id"], to)
             continue
-        lane = session_name(doc, names) or ""  # "" : sending fails it with the reason
+        lane = to[0]
         if t.paused(doc):  # parked at its due time: no slot taken
             at, why = allowed(t.pacing, _due(doc, now), None)
         else:

@@ -335,8 +335,9 @@ def _record(
                 "message {} was sent, but its document had changed: not recorded", message_id
             )
         counts.sent += 1
-        if slot or scheduled:
-            counts.lateness.append((now - (slot or scheduled or now)).total_seconds())
+        planned = slot or scheduled
+        if planned is not None:
+            counts.lateness.append((now - planned).total_seconds())
         if slot and scheduled:
             counts.pacing_delay.append(max(0.0, (slot - scheduled).total_seconds()))
         logger.debug("message {} sent to {} via {}", message_id, ready.chat_id, ready.session)

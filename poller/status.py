@@ -109,6 +109,7 @@ def build(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
     """Live pollers, the message backlog, each WhatsApp session's lane, the last 24 hours'
     outcomes, running campaigns, active recurring schedules."""
     instances = store.heartbeats.live(now)
+    refused = refused_posts(instances)
     return {
         "instances": instances,
         # The WAHA servers as the most recently seen poller found them, each with its `state`
@@ -119,8 +120,8 @@ def build(store: Store, now: datetime, pacing: Pacing) -> dict[str, Any]:
         ],
         "sessions": _sessions(store, now, pacing),
         # WAHA's event posts refused in the last hour by reason, and that in words (or None).
-        "eventsRefused": refused_posts(instances),
-        "eventsRefusedText": refusals.describe(refused_posts(instances)),
+        "eventsRefused": refused,
+        "eventsRefusedText": refusals.describe(refused),
         "messages": {
             "dueNow": store.plans.count_due(now),
             "inProgress": store.plans.in_progress(),

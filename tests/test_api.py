@@ -59,7 +59,9 @@ class Checked:
     (and every request it makes, unless it is meant to be wrong)."""
 
     def __init__(self, base: str, openapi: Any, headers: dict[str, str] | None = None) -> None:
-        self.http = httpx.Client(base_url=base, headers=BEARER if headers is None else headers)
+        self.http = httpx.Client(
+            base_url=base, headers=BEARER if headers is None else headers, timeout=30
+        )
         self.openapi = openapi
 
     def __call__(self, method: str, path: str, valid: bool = True, **kwargs: Any) -> Any:
@@ -105,7 +107,7 @@ def test_the_api_serves_its_description(api: Checked) -> None:
     answer = api("GET", "/api/openapi.json")
     assert answer.status_code == 200 and answer.json() == SPEC
     assert answer.json()["openapi"].startswith("3.1")
-    with httpx.Client(base_url=str(api.http.base_url)) as anonymous:
+    with httpx.Client(base_url=str(api.http.base_url), timeout=30) as anonymous:
         assert anonymous.get("/api/openapi.json").status_code == 401
         for path in ("/api/messages", "/api/campaigns", f"/api/messages/{'0' * 24}/cancel"):
             assert anonymous.post(path, json={"to": CHAT}).status_code == 401, path
@@ -340,7 +342,7 @@ def test_a_message_is_looked_up_and_cancelled_while_it_waits(
 
 def test_the_pages_own_calls_need_its_csrf_token_and_origin(api: Checked, store: Store) -> None:
     base = str(api.http.base_url)
-    with httpx.Client(base_url=base, follow_redirects=False) as page:
+    with httpx.Client(base_url=base, follow_redirects=False, timeout=30) as page:
         assert page.post("/login", data={"token": DASHBOARD_TOKEN}).status_code == 303
         csrf = page.get("/api/status").json()["csrf"]
         body = {"to": CHAT, "text": "From the page"}

@@ -535,7 +535,7 @@ def test_times_in_utc_spans_in_days_and_names_instead_of_ids(
     wait_until(lambda: page.locator("#notsent tbody tr").count() == 1, 60, "the filter")
     assert "Spring sale" in page.inner_text("#notsent tbody tr")
     bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
-    with httpx.Client(base_url=served, headers=bearer) as http:
+    with httpx.Client(base_url=served, headers=bearer, timeout=30) as http:
         for asked, found in (("Spring sale", 1), (str(lived), 1), ("Autumn sale", 0)):
             body = http.get("/api/status", params={"campaign": asked}).json()
             assert len(body["notSent"]) == found, asked
@@ -551,7 +551,8 @@ def test_after_pause_the_page_shows_at_once_that_nothing_goes_out(
     log_in(page, served)
     spring = page.locator(".campaign", has_text="Spring sale")
     spring.locator(".counts", has_text="eta").wait_for()
-    page.clock.pause_at(datetime.now(UTC) + seconds(1))
+    # Ahead of the page's clock however long the log-in took, and before its next refresh.
+    page.clock.pause_at(datetime.now(UTC) + seconds(4))
     spring.get_by_role("button", name="Pause").click()
     spring.locator(".status", has_text="paused").wait_for()
     counts = spring.locator(".counts").inner_text()
@@ -600,7 +601,7 @@ def test_the_chart_spans_its_data_and_the_day_on_request(
     assert page.inner_text("#chart h2") == "Messages per minute, last 24 hours"
     assert page.get_attribute("button[data-window='24h']", "aria-pressed") == "true"
     bearer = {"Authorization": f"Bearer {DASHBOARD_TOKEN}"}
-    with httpx.Client(base_url=served, headers=bearer) as http:
+    with httpx.Client(base_url=served, headers=bearer, timeout=30) as http:
         day = http.get("/api/status", params={"window": "24h"}).json()
         hour = http.get("/api/status").json()
         assert (day["window"], hour["window"]) == ("24h", "1h")
@@ -798,6 +799,6 @@ def test_screenshots_of_one_moment(
 
 def _healthy(base: str) -> bool:
     try:
-        return httpx.get(f"{base}/healthz").status_code == 200
+        return httpx.get(f"{base}/healthz", timeout=30).status_code == 200
     except httpx.HTTPError:
         return False

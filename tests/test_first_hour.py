@@ -91,7 +91,7 @@ def test_once_names_a_waha_url_ending_in_api_and_exits_1(
 def test_every_request_to_a_doubled_api_path_names_the_url_variable(
     unchecked: WahaSimulator,
 ) -> None:
-    client = WahaClient(f"{unchecked.url}/api", API_KEY, 10, url_variable="WAHA_EU1_URL")
+    client = WahaClient(f"{unchecked.url}/api", API_KEY, 30, url_variable="WAHA_EU1_URL")
     try:
         fix = f"WAHA_EU1_URL should be the server's root, without /api ({unchecked.url})"
         sent = client.send_text("default", "447700900123@c.us", "Hello")
@@ -117,7 +117,7 @@ def test_a_server_that_has_no_waha_route_is_not_taken_for_waha(unchecked: WahaSi
         "application/json",
         '{"statusCode":404,"message":"Cannot GET /api/sessions?all=true","error":"Not Found"}',
     )
-    client = WahaClient(unchecked.url, API_KEY, 10)
+    client = WahaClient(unchecked.url, API_KEY, 30)
     try:
         listed = client.sessions()
     finally:
@@ -156,8 +156,8 @@ def test_of_two_servers_the_one_with_a_wrong_url_is_paused_alone(
 ) -> None:
     servers = Servers(
         {
-            "a": WahaClient(unchecked.url, API_KEY, 10, url_variable="WAHA_A_URL"),
-            "b": WahaClient(f"{unchecked.url}/api", API_KEY, 10, url_variable="WAHA_B_URL"),
+            "a": WahaClient(unchecked.url, API_KEY, 30, url_variable="WAHA_A_URL"),
+            "b": WahaClient(f"{unchecked.url}/api", API_KEY, 30, url_variable="WAHA_B_URL"),
         }
     )
     try:

@@ -92,7 +92,7 @@ def test_wahas_core_posts_unsigned_and_the_secret_in_the_url_lets_them_in(
     assert doc is not None and doc["ack"] == 4
 
     assert events.refusals.last_hour(datetime.now(UTC)) == {"unsigned": 1, "wrong_secret": 1}
-    metrics = httpx.get(url.replace(EVENTS_PATH, "/metrics")).text
+    metrics = httpx.get(url.replace(EVENTS_PATH, "/metrics"), timeout=30).text
     assert 'poller_webhook_refused_total{reason="unsigned"} 1.0' in metrics
     assert 'poller_webhook_refused_total{reason="wrong_secret"} 1.0' in metrics
 

@@ -197,23 +197,22 @@ class Dashboard:
         return _json(SPEC, 200) if refused is None else refused
 
     def _schedule(self, request: Request) -> Response:
-        refused = self._refused(request, acting=True)
-        if refused is not None:
-            return refused
-        response = self.api.post(request)
-        if response.status_code < 300:
-            self._changed()
-        return response
+        return self._acting(request, lambda: self.api.post(request))
 
     def _message(self, request: Request, message: str) -> Response:
         refused = self._refused(request)
         return self.api.message(message) if refused is None else refused
 
     def _cancel(self, request: Request, message: str) -> Response:
+        return self._acting(request, lambda: self.api.cancel(message))
+
+    def _acting(self, request: Request, answer: Callable[[], Response]) -> Response:
+        """An API POST that writes: refused unless it may act; the next picture shows what
+        it changed."""
         refused = self._refused(request, acting=True)
         if refused is not None:
             return refused
-        response = self.api.cancel(message)
+        response = answer()
         if response.status_code < 300:
             self._changed()
         return response
